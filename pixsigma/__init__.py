@@ -1,0 +1,21 @@
+"""pixsigma: PixArt-Σ text-to-image generation, conversion and training in PyTorch."""
+
+from pixsigma.errors import PixsigmaError
+from pixsigma.model import (
+    SMALL,
+    TINY,
+    XL_2,
+    KVCompressConfig,
+    PixArtSigmaTransformer,
+    TransformerConfig,
+    add_kv_compression,
+    change_caption_tokens,
+    change_resolution,
+    convert,
+    count_parameters,
+    load_transformer,
+    save_transformer,
+    xl2_at,
+)
+
+__version__ = "0.1.0"
