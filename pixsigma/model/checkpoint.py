@@ -169,6 +169,8 @@ def diffusers_config(config: TransformerConfig) -> dict:
             "diffusers' PixArtTransformer2DModel cannot express KV compression or qk_norm; "
             "export this model with --to safetensors or --to official"
         )
+    if config.mlp_ratio != 4.0:
+        raise PixsigmaError(f"diffusers' PixArtTransformer2DModel has a fixed MLP ratio of 4; this model has {config.mlp_ratio}")
     return {
         "_class_name": "PixArtTransformer2DModel",
         "num_attention_heads": config.num_heads,
