@@ -345,6 +345,13 @@ def read_checkpoint(path, **overrides) -> tuple[dict, TransformerConfig, list]:
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # a fixed buffer, recomputed per size
     known.update({k: v for k, v in overrides.items() if v is not None})
     config = infer_config(sd, known, str(path))
+    if "y_embedder.y_embedding" not in sd:
+        # diffusers folders have no null caption; it only matters for training's caption
+        # dropout, so start a fresh one (seeded, so loading is deterministic).
+        log.info("%s: no null caption (y_embedding) in the weights; starting a fresh one", path)
+        g = torch.Generator().manual_seed(0)
+        c = config.caption_channels
+        sd["y_embedder.y_embedding"] = torch.randn(config.max_caption_tokens, c, generator=g) / c**0.5
     return sd, config, history
 
 

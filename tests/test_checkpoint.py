@@ -1,0 +1,213 @@
+"""Checkpoint layouts: loading, inference of the config, round trips, transitions, bad input."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pixsigma import PixsigmaError, convert, load_transformer
+from pixsigma.model.checkpoint import (
+    add_kv_compression,
+    change_caption_tokens,
+    change_resolution,
+    official_to_diffusers,
+    save_diffusers,
+    save_official,
+    save_safetensors,
+)
+from pixsigma.model.transformer import TINY, KVCompressConfig, PixArtSigmaTransformer
+from tests.test_model import diffusers_twin, randomized, run_diffusers
+
+SIGMA_LIKE = TINY.with_(hidden_size=144, num_heads=2, depth=3, caption_channels=40, max_caption_tokens=20,
+                        sample_size=32, pe_interpolation=0.5)  # head dim 72, as the released files
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_official_pth_with_and_without_wrapper_and_pos_embed(tmp_path):
+    model = randomized(SIGMA_LIKE)
+    sd = model.state_dict()
+    torch.save({"state_dict": {**sd, "pos_embed": torch.zeros(1, 256, 144)}}, tmp_path / "PixArt-Sigma-XL-2-256x256.pth")
+    torch.save(dict(sd), tmp_path / "flat.pth")
+    wrapped = load_transformer(tmp_path / "PixArt-Sigma-XL-2-256x256.pth")
+    flat = load_transformer(tmp_path / "flat.pth", sample_size=32, pe_interpolation=0.5)
+    for loaded in (wrapped, flat):
+        assert loaded.config == SIGMA_LIKE  # heads from head dim 72, size from the name / overrides
+        assert same_tensors(loaded.state_dict(), sd)
+
+
+def test_config_inferred_from_weights(tmp_path):
+    config = TINY.with_(depth=4, hidden_size=96, num_heads=4, patch_size=1, in_channels=16, learn_sigma=False,
+                        max_caption_tokens=7, qk_norm=True, micro_conditions=True,
+                        kv_compress=KVCompressConfig("conv", 3, (2, 3)))
+    model = PixArtSigmaTransformer(config)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pth")
+    loaded = load_transformer(tmp_path / "m.pth", num_heads=4, sample_size=16, pe_interpolation=1.0)
+    assert loaded.config == config
+
+
+@pytest.mark.parametrize("name,sample_size,pe", [
+    ("PixArt-Sigma-XL-2-512-MS.pth", 64, 1.0), ("PixArt-Sigma-XL-2-1024-MS.pth", 128, 2.0),
+    ("PixArt-Sigma-XL-2-2K-MS.pth", 256, 4.0)])
+def test_sizes_from_released_names(tmp_path, name, sample_size, pe):
+    torch.save(PixArtSigmaTransformer(SIGMA_LIKE).state_dict(), tmp_path / name)
+    config = load_transformer(tmp_path / name).config
+    assert (config.sample_size, config.pe_interpolation, config.num_heads) == (sample_size, pe, 2)
+
+
+def test_round_trips_are_bit_identical(tmp_path):
+    model = randomized(SIGMA_LIKE)
+    original = model.state_dict()
+    save_official(model, tmp_path / "a.pth")
+    convert(tmp_path / "a.pth", tmp_path / "b.safetensors", to="safetensors", sample_size=32, pe_interpolation=0.5)
+    convert(tmp_path / "b.safetensors", tmp_path / "c_diffusers", to="diffusers")
+    convert(tmp_path / "c_diffusers", tmp_path / "d.pth", to="official")
+    convert(tmp_path / "d.pth", tmp_path / "e.safetensors", to="safetensors", sample_size=32, pe_interpolation=0.5)
+    for path in ("a.pth", "b.safetensors", "c_diffusers", "d.pth", "e.safetensors"):
+        loaded = load_transformer(tmp_path / path, sample_size=32, pe_interpolation=0.5)
+        assert same_tensors(loaded.state_dict(), original), path
+        assert loaded.config == SIGMA_LIKE, path
+    # the diffusers config carries what the weights cannot tell
+    cfg = json.loads((tmp_path / "c_diffusers" / "config.json").read_text())
+    assert (cfg["interpolation_scale"], cfg["sample_size"], cfg["use_additional_conditions"]) == (0.5, 32, False)
+
+
+def test_diffusers_export_loads_strictly_and_matches(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    model = randomized(SIGMA_LIKE)
+    convert_src = save_safetensors(model, tmp_path / "m.safetensors")
+    convert(convert_src, tmp_path / "diff", to="diffusers")
+    ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "diff", low_cpu_mem_usage=False).eval()
+    expected = set(ref.state_dict())
+    assert expected == set(official_to_diffusers(model.state_dict()))  # strict: no missing, no extra
+    x, t, y = torch.randn(2, 4, 12, 8), torch.tensor([1.0, 998.0]), torch.randn(2, 20, 40)
+    mask = torch.ones(2, 20)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        assert (model(x, t, y, mask) - run_diffusers(ref, x, t, y, mask)).abs().max() <= 1e-5
+
+
+def test_sharded_diffusers_folder_loads(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    model = randomized(SIGMA_LIKE)
+    ref = diffusers_twin(model, tmp_path)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    loaded = load_transformer(tmp_path / "sharded")
+    sd = {k: v for k, v in loaded.state_dict().items() if k != "y_embedder.y_embedding"}
+    assert same_tensors(sd, {k: v for k, v in model.state_dict().items() if k != "y_embedder.y_embedding"})
+    assert loaded.config.num_heads == 2 and loaded.config.pe_interpolation == 0.5
+
+
+def test_diffusers_refuses_kv_compression_and_qk_norm(tmp_path):
+    for config in (SIGMA_LIKE.with_(qk_norm=True), SIGMA_LIKE.with_(kv_compress=KVCompressConfig("conv", 2, (2,)))):
+        save_safetensors(PixArtSigmaTransformer(config), tmp_path / "m.safetensors")
+        with pytest.raises(PixsigmaError, match="cannot express KV compression or qk_norm"):
+            convert(tmp_path / "m.safetensors", tmp_path / "out", to="diffusers")
+        assert not (tmp_path / "out").exists()
+
+
+def test_compressed_checkpoint_reloads_with_layers_and_ratio(tmp_path):
+    for operator in ("conv", "ave", "uniform"):
+        model = add_kv_compression(randomized(SIGMA_LIKE), layers=(1, 2), operator=operator, ratio=3)
+        save_safetensors(model, tmp_path / f"{operator}.safetensors")
+        loaded = load_transformer(tmp_path / f"{operator}.safetensors")
+        assert loaded.config.kv_compress == KVCompressConfig(operator, 3, (1, 2))
+        assert loaded.history[-1]["action"] == "kv-compress"
+    # an official .pth tells the conv layers and R from the weights alone
+    save_official(load_transformer(tmp_path / "conv.safetensors"), tmp_path / "conv.pth")
+    assert load_transformer(tmp_path / "conv.pth").config.kv_compress == KVCompressConfig("conv", 3, (1, 2))
+
+
+def test_add_kv_compression_defaults_to_deep_half_with_conv_avg_init():
+    model = randomized(SIGMA_LIKE.with_(depth=4))
+    new = add_kv_compression(model)
+    assert new.config.kv_compress == KVCompressConfig("conv", 2, (2, 3))
+    conv = new.blocks[3].attn.sr
+    assert torch.all(conv.weight == 0.25) and torch.all(conv.bias == 0)
+    assert torch.equal(new.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    # close to the uncompressed model on smooth inputs (averaging a constant keeps it)
+    x = torch.ones(1, 4, 8, 8)
+    with torch.no_grad():
+        y = torch.randn(1, 20, 40)
+        a, b = model(x, torch.tensor([500.0]), y), new(x, torch.tensor([500.0]), y)
+    assert (a - b).abs().max() < 0.5 * a.abs().max()
+
+
+def test_change_resolution_and_tokens():
+    model = randomized(SIGMA_LIKE)
+    moved = change_resolution(model, sample_size=64)
+    assert (moved.config.sample_size, moved.config.pe_interpolation) == (64, 1.0)
+    assert moved.history[-1]["action"] == "resolution"
+    longer = change_caption_tokens(model, 30)
+    null = longer.y_embedder.y_embedding
+    assert null.shape == (30, 40) and torch.equal(null[:20], model.y_embedder.y_embedding)
+    assert change_caption_tokens(model, 12).y_embedder.y_embedding.shape == (12, 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    sd = PixArtSigmaTransformer(SIGMA_LIKE).state_dict()
+    sd["blocks.1.mlp.fc2.weight"] = torch.zeros(144, 100)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(PixsigmaError, match=r"blocks\.1\.mlp\.fc2\.weight has shape \(144, 100\) but the model expects \(144, 576\)"):
+        load_transformer(tmp_path / "bad.pth")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/pixsigma_pwned",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": Exploit()}}, path, pickle_module=pickle)
+    with pytest.raises(PixsigmaError, match="refused"):
+        load_transformer(path)
+    assert not os.path.exists("/tmp/pixsigma_pwned")
+
+
+def test_truncated_and_foreign_files_name_the_file(tmp_path):
+    save_safetensors(PixArtSigmaTransformer(SIGMA_LIKE), tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save(PixArtSigmaTransformer(SIGMA_LIKE).state_dict(), tmp_path / "m.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "m.pth").read_bytes()[:5000])
+    (tmp_path / "text.pth").write_text("hello")
+    torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    for name in ("cut.safetensors", "cut.pth", "text.pth", "foreign.pth"):
+        with pytest.raises(PixsigmaError, match=name):
+            load_transformer(tmp_path / name)
+
+
+def test_missing_folder_or_config_says_expected_layout(tmp_path):
+    with pytest.raises(PixsigmaError, match="does not exist; expected"):
+        load_transformer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PixsigmaError, match="no config.json; expected a diffusers transformer folder"):
+        load_transformer(tmp_path / "empty")
+
+
+def test_cli_convert_and_errors_without_traceback(tmp_path):
+    save_official(randomized(SIGMA_LIKE), tmp_path / "m.pth")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pixsigma.cli", *a], capture_output=True, text=True)
+    ok = run("convert", str(tmp_path / "m.pth"), str(tmp_path / "m_diff"), "--to", "diffusers", "--sample-size", "32",
+             "--pe-interpolation", "0.5")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "m_diff" / "config.json").read_text())["interpolation_scale"] == 0.5
+    bad = run("convert", str(tmp_path / "missing.pth"), str(tmp_path / "x"), "--to", "official")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "missing.pth" in bad.stderr
