@@ -272,14 +272,16 @@ class SelfAttention(nn.Module):
         b, n, c = t.shape
         if self.kv_operator == "uniform":
             return t.view(b, h, w, c)[:, ::r, ::r].reshape(b, -1, c)
-        grid = t.transpose(1, 2).reshape(b, c, h, w)
+        # A permuted view, not a copy: (B, C, H, W) in channels-last memory, which the pooling and
+        # depthwise-conv kernels take as is and return in the same layout.
+        grid = t.view(b, h, w, c).permute(0, 3, 1, 2)
         if self.kv_operator == "ave":
             pooled = F.avg_pool2d(grid, r, r, ceil_mode=True, count_include_pad=False)
-            return pooled.flatten(2).transpose(1, 2)
+            return pooled.permute(0, 2, 3, 1).reshape(b, -1, c)
         pad_h, pad_w = (-h) % r, (-w) % r
         if pad_h or pad_w:
             grid = F.pad(grid, (0, pad_w, 0, pad_h), mode="replicate")
-        merged = self.sr(grid).flatten(2).transpose(1, 2)
+        merged = self.sr(grid).permute(0, 2, 3, 1).reshape(b, -1, c)
         return self.norm(merged)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], attention_fp32: bool = False) -> torch.Tensor:
