@@ -43,6 +43,30 @@ def add_convert(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# train-vae
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train_vae(args) -> int:
+    from pixsigma.train.vae import VAETrainConfig, train_vae
+
+    config = VAETrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train_vae(args.out, config)
+    return 0
+
+
+def add_train_vae(sub) -> None:
+    p = sub.add_parser("train-vae", help="train a small AutoencoderKL on the synthetic captioned images")
+    p.add_argument("out", help="output folder (a diffusers AutoencoderKL folder)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_vae)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -51,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixsigma", description="PixArt-Σ text-to-image: generate, convert, train, evaluate")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert,):
+    for add in (add_convert, add_train_vae):
         add(sub)
     return parser
 

@@ -211,3 +211,11 @@ def test_cli_convert_and_errors_without_traceback(tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert "missing.pth" in bad.stderr
+
+
+def test_folder_with_one_pixsigma_file_loads(tmp_path):
+    model = add_kv_compression(randomized(SIGMA_LIKE), layers=(2,))
+    save_safetensors(model, tmp_path / "pipe" / "transformer" / "model.safetensors")
+    loaded = load_transformer(tmp_path / "pipe")  # the pipeline folder: transformer/ is found
+    assert loaded.config == model.config
+    assert same_tensors(loaded.state_dict(), model.state_dict())

@@ -329,6 +329,11 @@ def read_checkpoint(path, **overrides) -> tuple[dict, TransformerConfig, list]:
     if path.is_dir():
         if (path / "transformer").is_dir() and not (path / "config.json").is_file():
             path = path / "transformer"
+        singles = sorted(path.glob("*.safetensors"))
+        if not (path / "config.json").is_file() and len(singles) == 1:
+            # a folder holding one pixsigma file (how a pipeline folder ships a KV-compressed
+            # transformer, which diffusers' layout cannot express)
+            return read_checkpoint(singles[0], **overrides)
         sd, config = _read_diffusers_folder(path)
         if config.get("_class_name") not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):
             raise PixsigmaError(f"{path}/config.json: _class_name is {config.get('_class_name')!r}, expected PixArtTransformer2DModel")

@@ -1,0 +1,126 @@
+"""Train a small diffusers AutoencoderKL (the shipped default model's VAE).
+
+The first weak-to-strong transition of the paper swaps the VAE; the shipped toy model needs a
+VAE of its own, trained here on the synthetic captioned images (`pixsigma.toy`): reconstruction
+(L1 + MSE) plus a small KL term, AdamW, then the scaling factor is set from the latents' std so
+that scaled latents have unit variance, as the released VAEs' factors do.
+
+    pixsigma train-vae OUT_DIR --steps 3000 --size 64
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pixsigma.errors import PixsigmaError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VAETrainConfig:
+    size: int = 64  # training image side (px)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels → downsampling factor 4
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    steps: int = 3000
+    batch_size: int = 24
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+    save_every: int = 500
+
+
+def build_vae(config: VAETrainConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=config.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups, sample_size=config.size,
+    )
+
+
+def toy_batches(config: VAETrainConfig, start: int = 0):
+    """Endless batches of synthetic images in [-1, 1], (B, 3, size, size), deterministic."""
+    from pixsigma.toy.render import generate
+
+    index = start
+    while True:
+        images = [np.asarray(img, dtype=np.float32) for img, *_ in generate(config.batch_size, seed=config.seed, size=config.size, start=index)]
+        index += config.batch_size
+        yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _save(vae, out: Path, meta: dict) -> None:
+    """Write the diffusers folder atomically: a temp folder renamed over the old one."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.save_pretrained(tmp)
+    (tmp / "pixsigma_train.json").write_text(json.dumps(meta, indent=2))
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@torch.no_grad()
+def latent_std(vae, batches, n_batches: int = 4) -> float:
+    latents = [vae.encode(next(batches)).latent_dist.mean for _ in range(n_batches)]
+    return torch.cat(latents).std().item()
+
+
+def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig()) -> Path:
+    if config.size % (2 ** (len(config.block_out_channels) - 1)):
+        raise PixsigmaError(f"image size {config.size} is not divisible by the VAE's downsampling factor")
+    out = Path(out_dir)
+    torch.manual_seed(config.seed)
+    vae = build_vae(config).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    batches = toy_batches(config)
+    history = []
+    start = time.time()
+    bar = tqdm(range(1, config.steps + 1), desc="train-vae")
+    for step in bar:
+        images = next(batches)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        kl = posterior.kl().mean() / images[0].numel()
+        loss = rec + config.kl_weight * kl * images[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        # cosine decay to 10% keeps late steps from undoing fine detail
+        for group in opt.param_groups:
+            group["lr"] = config.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / config.steps)))
+        opt.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+        if step % 50 == 0:
+            history.append({"step": step, "rec": rec.item(), "kl": kl.item(), "seconds": time.time() - start})
+            log.debug("step %d rec %.4f kl %.3f", step, rec.item(), kl.item())
+        if step % config.save_every == 0 or step == config.steps:
+            vae.eval()
+            std = latent_std(vae, toy_batches(config, start=10**7))
+            vae.register_to_config(scaling_factor=1.0 / std)
+            _save(vae, out, {"config": asdict(config), "step": step, "latent_std": std, "history": history})
+            vae.train()
+    log.info("VAE saved to %s (scaling factor %.4f)", out, vae.config.scaling_factor)
+    return out
