@@ -1,0 +1,422 @@
+"""The training loop: `train(config) -> path of the exported final model`.
+
+One explicit loop (nanoGPT style) run by every process under accelerate (`accelerate launch` or
+torchrun; a plain `python` run is one process):
+
+    for each step: lr = warmup-then-constant(step)
+        for each micro-batch (grad_accum): fetch this rank's slice of a one-bin global batch,
+            draw the posterior sample, timesteps, noise and caption drops for the *global* batch
+            from one generator shared by all ranks and keep this rank's slice,
+            loss = IDDPM hybrid loss, backward (gradients synchronized on the last micro-batch)
+        clip, optimizer step, EMA update, log, checkpoint, validate
+
+Because every random draw of the data path comes from the shared generator over the global
+batch, N processes with per-process batch b compute the same update as one process with batch
+N·b (to float tolerance), and a resumed run replays exactly what an uninterrupted run would.
+The model's own caption dropout is used through `force_drop_ids` with drops drawn from that
+generator (probability `model.config.caption_dropout`, 10% by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixsigma.data.buckets import BucketBatchSampler
+from pixsigma.data.cache import CachedSource, FeatureCache, RawSource, check_not_stale, is_cache, load_text_encoder, load_vae, scale_latents
+from pixsigma.data.datasets import CaptionDataset
+from pixsigma.diffusion.gaussian import GaussianDiffusion
+from pixsigma.errors import PixsigmaError
+from pixsigma.train.checkpointing import latest_checkpoint, load_checkpoint, optimizer_from_files, rng_state, save_checkpoint, set_rng_state
+from pixsigma.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, vae_factor: int, resolution: int | None = None):
+    """The transformer: a preset (sized for data.resolution) or `model.init_from`."""
+    from pixsigma.model import SMALL, TINY, XL_2, PixArtSigmaTransformer, load_transformer
+
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.init_from:
+        structural = sorted(set(overrides) - {"caption_dropout"})
+        if structural:
+            raise PixsigmaError(f"model.overrides {structural} cannot change a loaded checkpoint; "
+                                "use pixsigma adapt (resolution / kv-compress / tokens) to make a new one")
+        model = load_transformer(cfg.model.init_from)
+        if overrides:
+            model.config = model.config.with_(**overrides)
+        return model.train()
+    base = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[cfg.model.preset]
+    res = resolution or cfg.data.resolution
+    if res is not None and "sample_size" not in overrides:
+        overrides["sample_size"] = res // vae_factor
+        if cfg.model.preset == "xl_2" and "pe_interpolation" not in overrides:
+            overrides["pe_interpolation"] = res / 512
+    if "kv_compress" in overrides and isinstance(overrides["kv_compress"], dict):
+        from pixsigma.model import KVCompressConfig
+
+        overrides["kv_compress"] = KVCompressConfig(**overrides["kv_compress"])
+    try:
+        config = base.with_(**overrides)
+    except (TypeError, ValueError) as e:
+        raise PixsigmaError(f"model.overrides: {e}") from None
+    return PixArtSigmaTransformer(config).train()
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    o = cfg.optim
+    if o.name == "came":
+        from came_pytorch import CAME
+
+        betas = tuple(o.betas) if len(o.betas) == 3 else (o.betas[0], o.betas[1], 0.9999)
+        eps = tuple(o.eps) if len(o.eps) == 2 else (o.eps[0], 1e-16)
+        return CAME(params, lr=o.lr, betas=betas, eps=eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.adamw_eps, weight_decay=o.weight_decay,
+                             foreach=False)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over optim.warmup_steps, then constant (the paper's schedule)."""
+    w = cfg.optim.warmup_steps
+    return cfg.optim.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.optim.lr
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay: float) -> None:
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1.0 - decay)
+
+
+def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, generator: torch.Generator, rank: int, world: int,
+               caption_dropout: float, device) -> torch.Tensor:
+    """Mean hybrid loss of this rank's slice; every draw is made for the global batch."""
+    mean, std = batch["mean"], batch["std"]
+    b = mean.shape[0]
+    gb, sl = b * world, slice(rank * b, (rank + 1) * b)
+    shape = (gb, *mean.shape[1:])
+    xi = torch.randn(shape, generator=generator)[sl]
+    t = torch.randint(0, diffusion.num_timesteps, (gb,), generator=generator)[sl]
+    noise = torch.randn(shape, generator=generator)[sl]
+    drop = (torch.rand(gb, generator=generator) < caption_dropout)[sl]
+    x0 = scale_latents(mean + std * xi, vae).to(device)
+    t, noise = t.to(device), noise.to(device)
+    kwargs = {"caption": batch["caption"].to(device), "caption_mask": batch["mask"].to(device), "force_drop_ids": drop.to(device)}
+    return diffusion.training_loss(model, x0, t, noise, kwargs).loss.mean()
+
+
+class DataPosition:
+    """(epoch, next batch index in the epoch) over a bucket sampler; advances across epochs."""
+
+    def __init__(self, sampler: BucketBatchSampler, epoch: int = 0, index: int = 0):
+        self.sampler, self.epoch, self.index = sampler, epoch, index
+        self._iter = None
+
+    def next(self) -> tuple[int, list[int]]:
+        while True:
+            if self._iter is None:
+                self._iter = self.sampler.batches(self.epoch, self.index)
+            try:
+                i, positions = next(self._iter)
+                self.index = i + 1
+                return self.epoch, positions
+            except StopIteration:
+                self.epoch, self.index, self._iter = self.epoch + 1, 0, None
+
+
+def _setup_data(cfg: TrainConfig, text_encoder, vae, device):
+    """('cache' | 'raw', source factory needing resolution/multiple/caption length, VAE factor, resolution)."""
+    d = cfg.data
+    if d.cache_dir and is_cache(d.cache_dir):
+        check_not_stale(d.cache_dir)
+        cache = FeatureCache(d.cache_dir)
+        if d.resolution is not None and d.resolution != cache.meta["resolution"]:
+            raise PixsigmaError(f"{d.cache_dir}: cache was extracted at {cache.meta['resolution']}px but data.resolution is {d.resolution}")
+        log.info("training from the feature cache %s (%d samples; no text encoder or VAE loaded)", d.cache_dir, len(cache.index))
+        return "cache", cache, cache.vae["factor"], cache.meta["resolution"]
+    if d.cache_dir and d.path is None:
+        raise PixsigmaError(f"{d.cache_dir}: no feature cache there (no meta.json) and no data.path; run pixsigma extract first")
+    if d.cache_dir:
+        log.warning("data.cache_dir %s holds no cache yet: encoding %s on the fly", d.cache_dir, d.path)
+    dataset = CaptionDataset(d.path, d.layout, d.long_caption_key, d.max_aspect_ratio, d.image_root)
+    if vae is None:
+        if not d.vae:
+            raise PixsigmaError("training from raw images needs data.vae (an AutoencoderKL folder) or a feature cache")
+        vae = load_vae(d.vae)
+    if text_encoder is None:
+        if not d.text_encoder:
+            raise PixsigmaError("training from raw images needs data.text_encoder (a text encoder folder) or a feature cache")
+        text_encoder = load_text_encoder(d.text_encoder)
+    from pixsigma.data.cache import autoencoder, vae_info
+
+    autoencoder(vae).to(device)
+    return "raw", (dataset, text_encoder, vae), vae_info(vae)["factor"], d.resolution
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (optional: needs the pipeline and the encoders)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig, model, text_encoder, vae, run_dir: Path, step: int, writer=None) -> Path | None:
+    """Sample the fixed prompts with fixed seeds and save a grid PNG; skipped with a log line
+    when the pipeline is missing or no text encoder / VAE is loaded (cache training)."""
+    if text_encoder is None or vae is None:
+        log.info("validation skipped at step %d: no text encoder / VAE loaded (training from the feature cache)", step)
+        return None
+    try:
+        from pixsigma.pipeline import SigmaPipeline
+    except Exception as e:  # noqa: BLE001 - optional dependency inside the project
+        log.info("validation skipped at step %d: pixsigma.pipeline is not available (%s)", step, type(e).__name__)
+        return None
+    try:
+        pipe = SigmaPipeline(transformer=model, text_encoder=text_encoder, vae=vae)
+        was_training = model.training
+        model.eval()
+        images = []
+        for prompt, seed in zip(cfg.validation.prompts, cfg.validation.seeds * len(cfg.validation.prompts)):
+            out = pipe(prompt, num_inference_steps=cfg.validation.steps, guidance_scale=cfg.validation.guidance_scale,
+                       generator=torch.Generator().manual_seed(seed))
+            images.append(out[0] if isinstance(out, (list, tuple)) else getattr(out, "images", [out])[0])
+        model.train(was_training)
+    except Exception as e:  # noqa: BLE001 - validation never stops training
+        log.warning("validation failed at step %d (%s); training continues", step, " ".join(str(e).split())[:200])
+        return None
+    from PIL import Image
+
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    grid = Image.new("RGB", (w * len(images), h))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * w, 0))
+    out_dir = run_dir / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"step-{step:08d}.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+    if writer is not None:
+        writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    log.info("validation grid %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    kwargs = {}
+    if cfg.distributed.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["PixArtBlock"],
+            state_dict_type="FULL_STATE_DICT", use_orig_params=True)
+    return Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -> Path:
+    """Train as `cfg` says; returns the exported final model (.safetensors, EMA by default).
+
+    text_encoder / vae: already-built objects for raw-image training (else loaded from
+    data.text_encoder / data.vae; not needed with a feature cache).
+    """
+    from tqdm import tqdm
+
+    from pixsigma.model.checkpoint import save_safetensors
+
+    cfg.validate()
+    run_dir = Path(cfg.output.dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise PixsigmaError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --output")
+    if cfg.schedule.deterministic:
+        torch.use_deterministic_algorithms(True)
+    acc = _accelerator(cfg)
+    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    seed = cfg.schedule.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # identical init on every rank
+
+    kind, data, vae_factor, resolution = _setup_data(cfg, text_encoder, vae, device)
+    model = build_model(cfg, vae_factor, resolution)
+    mc = model.config
+    resolution = resolution or cfg.data.resolution or mc.sample_size * vae_factor
+    if mc.sample_size * vae_factor != resolution:
+        log.warning("the model's training size (sample_size %d × %d = %dpx) differs from the data resolution %dpx; "
+                    "pixsigma adapt resolution makes a model for it", mc.sample_size, vae_factor, mc.sample_size * vae_factor, resolution)
+    ratio = cfg.data.long_caption_ratio
+    if kind == "cache":
+        source = CachedSource(data, mc.max_caption_tokens, ratio, seed)
+        text_encoder = vae = None
+    else:
+        dataset, text_encoder, vae = data
+        source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed)
+    if source.vae["latent_channels"] != mc.in_channels:
+        raise PixsigmaError(f"the VAE gives {source.vae['latent_channels']} latent channels but the model takes {mc.in_channels}")
+    sampler = BucketBatchSampler(source.buckets(), cfg.schedule.batch_size, seed, rank, world, cfg.data.drop_last)
+    torch.manual_seed(seed + rank)  # per-rank global RNG from here on (nothing in the data path uses it)
+    generator = torch.Generator().manual_seed(seed)  # shared: identical draws on every rank
+
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.attention_fp32 = cfg.precision.attention_fp32
+    ema = None
+    if cfg.optim.ema_decay > 0 and cfg.distributed.strategy != "fsdp":
+        ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    elif cfg.optim.ema_decay > 0:
+        log.warning("EMA is not kept under FSDP (weights are sharded); the exported model is the trained one")
+    model = model.to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma)
+
+    step, epoch, index = 0, 0, 0
+    if resume:
+        ckpt_path = latest_checkpoint(run_dir)
+        if ckpt_path is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+        else:
+            ck = load_checkpoint(ckpt_path, rank)
+            raw_model.load_state_dict(ck["model"])
+            if ema is not None and ck["ema"] is not None:
+                ema.load_state_dict(ck["ema"])
+            if ck["optimizer"] is not None:
+                optimizer.load_state_dict(optimizer_from_files(*ck["optimizer"], like=optimizer.state_dict()))
+            st = ck["state"]
+            step, epoch, index = st["step"], st["epoch"], st["batch_in_epoch"]
+            if st.get("scaler") and acc.scaler is not None:
+                acc.scaler.load_state_dict(st["scaler"])
+            if ck["rng"] is not None:
+                set_rng_state(ck["rng"], generator)
+            log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt_path, step, epoch, index)
+    position = DataPosition(sampler, epoch, index)
+    ema_params = list(ema.parameters()) if ema is not None else []
+    params = list(raw_model.parameters())
+
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
+        os.replace(tmp, run_dir / "config.json")
+        if cfg.output.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(run_dir / "tb"))
+            except Exception as e:  # noqa: BLE001 - logging is optional
+                log.warning("TensorBoard logging off (%s)", type(e).__name__)
+    metrics = open(run_dir / "log.jsonl", "a") if main else None
+
+    def checkpoint(at_step: int) -> None:
+        state = {"epoch": position.epoch, "batch_in_epoch": position.index, "lr": lr_at(cfg, at_step),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "config": cfg.to_dict(),
+                 "world_size": world}
+        opt_state = optimizer.state_dict()
+        save_checkpoint(run_dir, at_step, model=_model_to_save(acc, model, raw_model), ema=ema, optimizer_state=opt_state,
+                        state=state, rng=rng_state(generator), rank=rank, barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep)
+
+    accum, clip = cfg.schedule.grad_accum, cfg.optim.grad_clip
+    samples_per_step = cfg.schedule.batch_size * world * accum
+    bar = tqdm(total=cfg.schedule.max_steps, initial=step, desc="train", unit="step", disable=not main)
+    t_last, steps_since = time.perf_counter(), 0
+    while step < cfg.schedule.max_steps:
+        lr = lr_at(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for micro in range(accum):
+            ep, positions = position.next()
+            batch = source.fetch(positions, ep)
+            sync = micro == accum - 1
+            with (contextlib.nullcontext() if sync else acc.no_sync(model)):
+                loss = batch_loss(model, diffusion, batch, source.vae, generator, rank, world, mc.caption_dropout, device)
+                acc.backward(loss / accum)
+            total += loss.detach().float() / accum
+        if clip > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None and not acc.optimizer_step_was_skipped:
+            ema_update(ema_params, params, cfg.optim.ema_decay)
+        step += 1
+        steps_since += 1
+        bar.update(1)
+        if step % cfg.schedule.log_every == 0 or step == cfg.schedule.max_steps:
+            loss_all = acc.reduce(total.to(device), "mean").item()
+            now = time.perf_counter()
+            rate = steps_since * samples_per_step / max(now - t_last, 1e-9)
+            t_last, steps_since = now, 0
+            if main:
+                gn = float(grad_norm) if grad_norm is not None else float("nan")
+                bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}")
+                metrics.write(json.dumps({"step": step, "loss": loss_all, "lr": lr, "grad_norm": gn, "samples_per_s": rate}) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_all, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/grad_norm", gn, step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+        if cfg.checkpointing.every and step % cfg.checkpointing.every == 0 and step < cfg.schedule.max_steps:
+            checkpoint(step)
+        if cfg.validation.every and step % cfg.validation.every == 0 and main:
+            validate(cfg, ema if ema is not None else raw_model, text_encoder, vae, run_dir, step, writer)
+    bar.close()
+    checkpoint(step)
+    export = run_dir / "model.safetensors"
+    final = ema if (cfg.checkpointing.export == "ema" and ema is not None) else _model_to_save(acc, model, raw_model)
+    if main:
+        save_safetensors(final, export, {"pixsigma_step": str(step), "pixsigma_weights": "ema" if final is ema else "model"})
+        log.info("exported %s (%s weights, step %d)", export, "EMA" if final is ema else "trained", step)
+        metrics.close()
+        if writer is not None:
+            writer.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return export
+
+
+def _model_to_save(acc, model, raw_model):
+    """The module to write: the unwrapped model, or (FSDP) a full copy gathered onto rank 0."""
+    if acc.distributed_type.name != "FSDP":
+        return raw_model
+    from pixsigma.model import PixArtSigmaTransformer
+
+    sd = acc.get_state_dict(model)
+    full = PixArtSigmaTransformer(raw_model.config)
+    if acc.is_main_process:
+        full.load_state_dict(sd)
+    full.history = list(getattr(raw_model, "history", []))
+    return full
+
+
+def train_from_file(path, overrides=(), resume: bool = False, max_steps: int | None = None, output: str | None = None) -> Path:
+    from pixsigma.train.config import load_config
+
+    extra = list(overrides)
+    if max_steps is not None:
+        extra.append(f"schedule.max_steps={int(max_steps)}")
+    if output is not None:
+        extra.append(f"output.dir={json.dumps(str(output))}")
+    return train(load_config(path, extra), resume=resume)
+
