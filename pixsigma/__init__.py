@@ -17,5 +17,8 @@ from pixsigma.model import (
     save_transformer,
     xl2_at,
 )
+from pixsigma.pipeline import SigmaOutput, SigmaPipeline
+from pixsigma.text import TextEncoder, minilm_path
+from pixsigma.vae import VAE
 
 __version__ = "0.1.0"

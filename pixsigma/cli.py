@@ -67,6 +67,265 @@ def add_train_vae(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate / info
+# ---------------------------------------------------------------------------------------------
+
+GENERATE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _generate_prompts(args) -> list[str]:
+    from pathlib import Path
+
+    if args.prompts_file and args.prompt is not None:
+        raise PixsigmaError("give either a prompt or --prompts-file, not both")
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise PixsigmaError(f"{path}: prompts file does not exist; expected a text file with one prompt per line")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PixsigmaError(f"{path}: not UTF-8 text; expected one prompt per line") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise PixsigmaError(f"{path}: no non-empty line; expected one prompt per line")
+        return prompts
+    if args.prompt is None:
+        raise PixsigmaError("no prompt; expected a prompt argument or --prompts-file FILE")
+    return [args.prompt]
+
+
+def _output_paths(out: str, count: int) -> list:
+    from pathlib import Path
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise PixsigmaError(f"output {out!r} does not end in .png; expected a PNG file name")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i:03d}{path.suffix}") for i in range(count)]
+
+
+def _load_generate_pipeline(model, device, dtype):
+    from pathlib import Path
+
+    from pixsigma.pipeline import SigmaPipeline
+
+    if model is None:
+        return SigmaPipeline.from_pretrained(None, device=device, dtype=dtype)
+    p = Path(model)
+    if not p.exists():
+        raise PixsigmaError(f"{p}: model does not exist; expected a pipeline folder (text_encoder/, tokenizer/, vae/, transformer/) "
+                            "or a transformer checkpoint (.pth / .safetensors / diffusers transformer folder)")
+    if p.is_dir() and ((p / "vae").is_dir() or (p / "model_index.json").is_file()):
+        return SigmaPipeline.from_pretrained(p, device=device, dtype=dtype)
+    # A transformer alone: text encoder and VAE come from the shipped default model.
+    return SigmaPipeline.from_pretrained(None, transformer=p, device=device, dtype=dtype)
+
+
+def cmd_generate(args) -> int:
+    import random
+
+    import torch
+
+    import pixsigma
+    from pixsigma.diffusion.samplers import default_steps, resolve_sampler
+    from pixsigma.pngmeta import save_png
+    from pixsigma.resolution import parse_ratio, parse_size, size_for_ratio
+
+    sampler = resolve_sampler(args.sampler)
+    prompts = _generate_prompts(args)
+    if args.num < 1:
+        raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
+    if args.size and args.ar:
+        raise PixsigmaError("give either --size WxH or --ar H:W, not both")
+    height = width = ratio = None
+    if args.size:
+        height, width = parse_size(args.size)
+    if args.ar:
+        ratio = parse_ratio(args.ar)
+    steps = args.steps if args.steps is not None else default_steps(sampler)
+    if not 1 <= steps <= 1000:
+        raise PixsigmaError(f"--steps {steps}: expected 1..1000")
+    if not (args.cfg >= 0 and args.cfg < float("inf")):
+        raise PixsigmaError(f"--cfg {args.cfg}: expected a finite number >= 0")
+    if args.dtype not in GENERATE_DTYPES:
+        raise PixsigmaError(f"--dtype {args.dtype!r}: expected one of {', '.join(GENERATE_DTYPES)}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    paths = _output_paths(args.output, len(prompts) * args.num)
+    if not args.overwrite:
+        existing = [str(p) for p in paths if p.exists()]
+        if existing:
+            raise PixsigmaError(f"{existing[0]}: already exists ({len(existing)} of the outputs); expected new file names or --overwrite")
+
+    pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
+    if ratio is not None:
+        height, width = size_for_ratio(ratio, pipe.resolution)
+    model_hash = pipe.weights_hash()
+    index = 0
+    for prompt in prompts:
+        seeds = [seed + index + k for k in range(args.num)]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=args.cfg,
+                   height=height, width=width, num_images_per_prompt=args.num, generator=gens, sampler=sampler,
+                   output_type="pil", progress=True)
+        for k, image in enumerate(out.images):
+            params = {
+                "prompt": prompt, "negative": args.negative, "seed": seeds[k], "steps": steps, "cfg": args.cfg,
+                "sampler": sampler, "size": f"{image.width}x{image.height}",
+                "generated_size": f"{out.info['generated_width']}x{out.info['generated_height']}",
+                "model": pipe.name, "model_hash": model_hash, "dtype": args.dtype, "pixsigma": pixsigma.__version__,
+            }
+            path = save_png(image, paths[index + k], params, overwrite=args.overwrite)
+            log.info("wrote %s (seed %d, %dx%d)", path, seeds[k], image.width, image.height)
+        index += args.num
+    return 0
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from text prompts (PNG files carrying their parameters)")
+    p.add_argument("prompt", nargs="?", default=None, help='the prompt; may hold "--ar h:w" or "--hw h:w" as in the official code')
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered out-000.png ... for several images)")
+    p.add_argument("-n", "--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (image k uses seed + k); random if omitted")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (<= 1 disables guidance)")
+    p.add_argument("--sampler", default="dpm-solver", help="dpm-solver | sa-solver | ddim | euler | iddpm")
+    p.add_argument("--size", default=None, help="output size WIDTHxHEIGHT, e.g. 1024x768 (default: the model's resolution)")
+    p.add_argument("--ar", default=None, help="aspect ratio H:W as in the official prompt syntax (e.g. 9:16 is landscape)")
+    p.add_argument("--model", default=None, help="pipeline folder or transformer checkpoint (default: the shipped model)")
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional branch)")
+    p.add_argument("--prompts-file", default=None, help="text file: one image per non-empty line")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from pixsigma.pngmeta import read_png_params
+
+    params = read_png_params(args.image)
+    if args.json:
+        print(json.dumps(params, indent=2, ensure_ascii=False, sort_keys=True))
+    else:
+        for key in sorted(params):
+            print(f"{key}: {params[key]}")
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print the generation parameters stored in a PNG by pixsigma generate")
+    p.add_argument("image", help="a PNG written by pixsigma generate")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+# ---------------------------------------------------------------------------------------------
+# train / extract / adapt (issue 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from pixsigma.train.loop import train_from_file
+
+    out = train_from_file(args.config, overrides=args.set or [], resume=args.resume, max_steps=args.max_steps, output=args.output)
+    log.info("final model: %s", out)
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune the transformer from a TOML/YAML config")
+    p.add_argument("config", help="training config (.toml / .yaml); see configs/")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
+    p.add_argument("--output", default=None, help="override output.dir")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_extract(args) -> int:
+    from pixsigma.train.extract import run_extract
+
+    run_extract(args)
+    return 0
+
+
+def add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="encode a dataset once (text encoder + VAE) into a sharded feature cache")
+    p.add_argument("dataset", nargs="?", default=None, help="data_info.json (or folder), image folder with .txt, or .jsonl")
+    p.add_argument("--config", default=None, help="take unset options from a training config's data/model sections")
+    p.add_argument("--cache", default=None, help="cache folder (default: the config's data.cache_dir)")
+    p.add_argument("--vae", default=None, help="AutoencoderKL folder (or pipeline folder)")
+    p.add_argument("--text-encoder", default=None, help="text encoder folder (or pipeline folder with text_encoder/ + tokenizer/)")
+    p.add_argument("--resolution", type=int, default=None, help="base resolution in pixels (aspect bins of this size)")
+    p.add_argument("--max-tokens", type=int, default=None, help="caption tokens (default: the config's model, else 300)")
+    p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (bins are multiples of patch × VAE factor)")
+    p.add_argument("--layout", default=None, choices=["auto", "data_info", "folder", "jsonl"])
+    p.add_argument("--long-caption-key", default=None, help="long caption field (default sharegpt4v)")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--start", type=int, default=None, help="first sample index of this process's range")
+    p.add_argument("--end", type=int, default=None, help="end (exclusive) of this process's range")
+    p.add_argument("--rank", type=int, default=None, help="this process (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="processes (default: $WORLD_SIZE or 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_extract)
+
+
+def cmd_adapt(args) -> int:
+    from pixsigma.train import adapt
+
+    if args.transition == "vae":
+        adapt.adapt_vae(args.src, args.dst, args.vae, caches=args.cache or [])
+    elif args.transition == "resolution":
+        adapt.adapt_resolution(args.src, args.dst, args.resolution, args.pe_interpolation, args.vae_factor)
+    elif args.transition == "kv-compress":
+        adapt.adapt_kv_compress(args.src, args.dst, args.layers, args.operator, args.ratio)
+    else:
+        adapt.adapt_tokens(args.src, args.dst, args.tokens)
+    return 0
+
+
+def add_adapt(sub) -> None:
+    p = sub.add_parser("adapt", help="weak-to-strong transitions: new VAE, resolution, KV compression, caption length")
+    t = p.add_subparsers(dest="transition", required=True)
+
+    def common(q):
+        q.add_argument("src", help="transformer checkpoint (any layout load_transformer reads)")
+        q.add_argument("dst", help="output pixsigma .safetensors")
+
+    q = t.add_parser("vae", help="swap the VAE: record it, mark old feature caches stale")
+    common(q)
+    q.add_argument("--vae", required=True, help="the new AutoencoderKL folder")
+    q.add_argument("--cache", action="append", help="feature cache folder to mark stale; repeatable")
+    q = t.add_parser("resolution", help="new base resolution (sample size, pe_interpolation, aspect bins)")
+    common(q)
+    q.add_argument("--resolution", type=int, required=True, help="new base resolution in pixels")
+    q.add_argument("--pe-interpolation", type=float, default=None, help="default: scaled with the size")
+    q.add_argument("--vae-factor", type=int, default=None, help="VAE downsampling factor (default: recorded, else 8)")
+    q = t.add_parser("kv-compress", help="add KV token compression (Conv Avg Init)")
+    common(q)
+    q.add_argument("--layers", default="deep", help="deep (default), all, 14-27 or 3,5,7")
+    q.add_argument("--operator", default="conv", choices=["conv", "ave", "uniform"])
+    q.add_argument("--ratio", type=int, default=2, help="R: keys/values merged over R×R windows")
+    q = t.add_parser("tokens", help="change the caption length (e.g. 120 -> 300)")
+    common(q)
+    q.add_argument("--tokens", type=int, required=True)
+    p.set_defaults(func=cmd_adapt)
+
+
+TRAIN_COMMANDS = (add_train, add_extract, add_adapt)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -75,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixsigma", description="PixArt-Σ text-to-image: generate, convert, train, evaluate")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_train_vae):
+    for add in (add_convert, add_train_vae, add_generate, add_info):
+        add(sub)
+    for add in TRAIN_COMMANDS:
         add(sub)
     return parser
 

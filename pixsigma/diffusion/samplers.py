@@ -1,0 +1,186 @@
+"""Samplers: a plain-function API over diffusers' schedulers plus the IDDPM ancestral sampler.
+
+    x0 = sample(model_fn, noise, sampler="dpm-solver", steps=20, generator=g, callback=cb)
+
+`model_fn(x, t) -> output` is the denoiser (classifier-free guidance already applied), t a
+scalar tensor timestep on the 0..999 scale. Its output holds epsilon and, for models with
+learned variance, a second half of channels (v ∈ [-1, 1]): the ODE / diffusers samplers drop
+that half (as diffusers' PixArt pipeline does), the IDDPM sampler uses it. `noise` is standard
+normal; it is scaled by the scheduler's initial sigma here.
+
+The schedule is the model's: 1000 training steps, linear betas 1e-4 → 0.02, epsilon prediction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from pixsigma.errors import PixsigmaError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+
+# The PixArt-Σ release's DPMSolverMultistepScheduler settings (scheduler/scheduler_config.json).
+DPM_SOLVER_CONFIG = {
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "use_karras_sigmas": False,
+    "use_lu_lambdas": False,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "variance_type": None,
+}
+
+SAMPLERS = {  # name -> default number of steps
+    "dpm-solver": 20,
+    "sa-solver": 25,
+    "ddim": 50,
+    "euler": 30,
+    "iddpm": 100,
+}
+ALIASES = {"dpm": "dpm-solver", "dpmsolver": "dpm-solver", "dpm++": "dpm-solver", "dpm_solver": "dpm-solver",
+           "sa": "sa-solver", "sasolver": "sa-solver", "sa_solver": "sa-solver", "ddpm": "iddpm"}
+
+
+def resolve_sampler(name: str) -> str:
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise PixsigmaError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    return key
+
+
+def default_steps(sampler: str) -> int:
+    return SAMPLERS[resolve_sampler(sampler)]
+
+
+def schedule_from_config(config: dict | None) -> dict:
+    """The training schedule (betas, steps, prediction type) from a scheduler config, else defaults."""
+    schedule = dict(DEFAULT_SCHEDULE)
+    for k in DEFAULT_SCHEDULE:
+        if config and config.get(k) is not None:
+            schedule[k] = config[k]
+    if schedule["prediction_type"] != "epsilon":
+        raise PixsigmaError(f"scheduler prediction_type {schedule['prediction_type']!r} is not supported; expected 'epsilon'")
+    return schedule
+
+
+def make_scheduler(sampler: str, scheduler_config: dict | None = None):
+    """A diffusers scheduler for `sampler`, on the model's schedule.
+
+    scheduler_config: a pipeline folder's scheduler config (dict). Its schedule is used; for
+    "dpm-solver" a DPMSolverMultistepScheduler config is used whole.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SASolverScheduler
+
+    name = resolve_sampler(sampler)
+    schedule = schedule_from_config(scheduler_config)
+    if name == "dpm-solver":
+        if scheduler_config and scheduler_config.get("_class_name") == "DPMSolverMultistepScheduler":
+            return DPMSolverMultistepScheduler.from_config(scheduler_config)
+        return DPMSolverMultistepScheduler(**schedule, **DPM_SOLVER_CONFIG)
+    if name == "sa-solver":
+        return SASolverScheduler(**schedule, predictor_order=2, corrector_order=2, algorithm_type="data_prediction",
+                                 timestep_spacing="linspace", lower_order_final=True)
+    if name == "ddim":
+        return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    if name == "euler":
+        return EulerDiscreteScheduler(**schedule, timestep_spacing="linspace")
+    raise PixsigmaError(f"sampler {name!r} has no diffusers scheduler")
+
+
+def _check_finite(x: torch.Tensor, i: int, n: int, t) -> None:
+    if not torch.isfinite(x).all():
+        t = float(t)
+        raise PixsigmaError(
+            f"sampling diverged: NaN/inf in the latents at step {i + 1}/{n} (timestep {t:g}); "
+            "expected finite values (try --dtype fp32, a lower guidance scale or another sampler)"
+        )
+
+
+def _progress(iterable, enabled: bool, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc="denoising", unit="step", leave=False)
+
+
+@torch.no_grad()
+def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: int | None = None,
+           generator: torch.Generator | None = None, callback=None, scheduler_config: dict | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Run `sampler` for `steps` from standard-normal `latents`; returns the clean latents.
+
+    callback(step_index, timestep, latents) after each step. NaN/inf in the latents stops
+    sampling with a PixsigmaError naming the step.
+    """
+    name = resolve_sampler(sampler)
+    steps = int(steps) if steps is not None else SAMPLERS[name]
+    if steps < 1 or steps > 1000:
+        raise PixsigmaError(f"steps {steps} is out of range; expected 1..1000")
+    channels = latents.shape[1]
+    if name == "iddpm":
+        return _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress)
+    scheduler = make_scheduler(name, scheduler_config)
+    scheduler.set_timesteps(steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = latents.float() * scheduler.init_noise_sigma
+    n = len(timesteps)
+    for i, t in enumerate(_progress(timesteps, progress, n)):
+        out = model_fn(scheduler.scale_model_input(x, t), t)
+        eps = out[:, :channels] if out.shape[1] == 2 * channels else out
+        x = scheduler.step(eps.float(), t, x, **step_kwargs, return_dict=False)[0]
+        _check_finite(x, i, n, t)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress):
+    from pixsigma.diffusion.iddpm import IDDPMSchedule, linear_betas
+
+    schedule = schedule_from_config(scheduler_config)
+    if schedule["beta_schedule"] != "linear":
+        raise PixsigmaError(f"the IDDPM sampler supports beta_schedule 'linear', got {schedule['beta_schedule']!r}")
+    sched = IDDPMSchedule(linear_betas(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]), steps)
+    channels = latents.shape[1]
+    x = latents.float()
+    n = len(sched)
+    warned = False
+    for k, i in enumerate(_progress(list(reversed(range(n))), progress, n)):
+        t = torch.tensor(int(sched.timesteps[i]), device=x.device)
+        out = model_fn(x, t).float()
+        if out.shape[1] == 2 * channels:
+            eps, v = out[:, :channels], out[:, channels:]
+        else:
+            if not warned:
+                log.warning("the model has no learned variance: the IDDPM sampler uses the clipped posterior variance")
+                warned = True
+            eps, v = out, torch.full_like(out, -1.0)
+        noise = _randn(x, generator) if i > 0 else None
+        x = sched.step(i, x, eps, v, noise)
+        _check_finite(x, k, n, t)
+        if callback is not None:
+            callback(k, t, x)
+    return x

@@ -1,0 +1,307 @@
+"""Text-to-image generation: `SigmaPipeline` (text encoder → transformer + sampler → VAE).
+
+    pipe = SigmaPipeline.from_pretrained("pixart_sigma_folder")      # diffusers folder layout
+    image = pipe("a small cactus with a happy face", seed=0).images[0]
+
+The folder follows diffusers' layout: text_encoder/, tokenizer/, vae/, transformer/ and an
+optional scheduler/. `transformer=` may name an official .pth or this project's .safetensors
+instead of the folder's transformer. `folder=None` loads the project's shipped default model
+(`pixsigma/assets/default_model/`, same layout; without text_encoder/ it uses the packaged
+MiniLM, see `pixsigma.text.minilm_path`).
+
+Classifier-free guidance batches the unconditional (negative prompt, with its own mask, as in
+diffusers) and conditional passes into one forward; the caption's cross-attention keys/values
+are computed once per call. Requests are generated at the nearest aspect-ratio bin of the
+model's resolution and resized + center-cropped to the exact size asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixsigma.diffusion.samplers import default_steps, resolve_sampler, sample
+from pixsigma.errors import PixsigmaError
+from pixsigma.resolution import check_side, parse_prompt_options, plan_size, resize_and_crop, size_for_ratio
+from pixsigma.text import TextEncoder, as_dtype, minilm_path
+from pixsigma.vae import VAE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+LAYOUT = "text_encoder/, tokenizer/, vae/, transformer/ (scheduler/ optional)"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class SigmaOutput:
+    """Generated images (list of PIL images, (B, H, W, 3) float numpy in [0, 1], (B, 3, H, W)
+    tensor, or latents) plus what was done: sizes, steps, sampler, timings in seconds."""
+
+    images: object
+    info: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def default_model_dir() -> Path:
+    return DEFAULT_MODEL_DIR
+
+
+def _load_transformer_from(path: Path, dtype):
+    from pixsigma.model.checkpoint import load_transformer
+
+    if path.is_dir() and not (path / "config.json").is_file():
+        files = sorted([*path.glob("*.safetensors"), *path.glob("*.pth")])
+        if len(files) == 1:
+            path = files[0]
+        else:
+            raise PixsigmaError(f"{path}: expected a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors) "
+                                "or exactly one .safetensors/.pth file")
+    return load_transformer(path, dtype=dtype)
+
+
+class SigmaPipeline:
+    def __init__(self, transformer, text_encoder: TextEncoder, vae: VAE, scheduler_config: dict | None = None,
+                 device="cpu", name: str = "pixsigma"):
+        if transformer.config.caption_channels != text_encoder.hidden_size:
+            raise PixsigmaError(
+                f"the transformer expects {transformer.config.caption_channels} caption channels but the text encoder "
+                f"{text_encoder.path.name} gives {text_encoder.hidden_size}; expected them to match"
+            )
+        if transformer.config.in_channels != vae.latent_channels:
+            raise PixsigmaError(f"the transformer takes {transformer.config.in_channels} latent channels but the VAE has "
+                                f"{vae.latent_channels}; expected them to match")
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+        self.device = torch.device(device)
+        self.name = name
+        self._hash = None
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder=None, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
+                        vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
+                        max_sequence_length: int | None = None):
+        """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model.
+
+        transformer: a path (official .pth, pixsigma .safetensors, diffusers transformer folder) or
+        a PixArtSigmaTransformer replacing the folder's. dtype: the transformer's (fp32/bf16/fp16);
+        the text encoder follows it (bf16 instead of fp16: T5 overflows in fp16), the VAE is fp32
+        unless dtype is bf16.
+        """
+        from pixsigma.model.transformer import PixArtSigmaTransformer
+
+        dtype = as_dtype(dtype)
+        default = folder is None
+        folder = Path(DEFAULT_MODEL_DIR if default else folder)
+        if not folder.is_dir():
+            if default:
+                raise PixsigmaError(f"the shipped default model is missing: {folder} does not exist; expected a pipeline folder "
+                                    f"with {LAYOUT} (or pass a model folder)")
+            raise PixsigmaError(f"{folder}: model folder does not exist; expected a pipeline folder with {LAYOUT}")
+        missing = [n for n in ("vae",) if not (folder / n).is_dir()]
+        if transformer is None and not (folder / "transformer").is_dir():
+            missing.append("transformer")
+        has_text = (folder / "text_encoder").is_dir()
+        if not has_text and (folder / "tokenizer").is_dir():
+            missing.append("text_encoder")
+        if missing:
+            raise PixsigmaError(f"{folder}: missing {', '.join(m + '/' for m in missing)}; expected a pipeline folder with {LAYOUT}")
+        device = torch.device(device)
+
+        if isinstance(transformer, PixArtSigmaTransformer):
+            model = transformer.to(device=device, dtype=dtype).eval()
+            name = folder.name
+        else:
+            src = Path(transformer) if transformer is not None else folder / "transformer"
+            model = _load_transformer_from(src, dtype).to(device)
+            name = src.stem if transformer is not None else folder.name
+        if default:
+            name = "default"
+
+        text_dtype = as_dtype(text_dtype) if text_dtype is not None else (torch.bfloat16 if dtype == torch.float16 else dtype)
+        if has_text:
+            enc_path = folder / "text_encoder"
+            tok_path = folder / "tokenizer" if (folder / "tokenizer").is_dir() else enc_path
+        else:
+            enc_path = tok_path = minilm_path()
+            log.info("%s has no text_encoder/: using the packaged MiniLM text encoder (%s)", folder, enc_path)
+        max_len = max_sequence_length or model.config.max_caption_tokens
+        text = TextEncoder(enc_path, tok_path, max_length=None, dtype=text_dtype, device=device, clean=clean_caption,
+                           lowercase=lowercase, cache_dir=cache_dir)
+        limit = text._token_limit()
+        if limit is not None and max_len > limit:
+            log.warning("caption length %d exceeds the text encoder's %d positions: using %d", max_len, limit, limit)
+            max_len = limit
+        text.max_length = max_len
+        if model.config.caption_channels != text.hidden_size and not has_text:
+            raise PixsigmaError(
+                f"{folder}: no text_encoder/, and the packaged MiniLM gives {text.hidden_size} channels while the transformer "
+                f"expects {model.config.caption_channels}; expected a text_encoder/ folder matching the transformer"
+            )
+        vae_dtype = as_dtype(vae_dtype) if vae_dtype is not None else (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        vae = VAE(folder / "vae", device=device, dtype=vae_dtype)
+
+        scheduler_config = None
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():
+            try:
+                scheduler_config = json.loads(sched_file.read_text())
+            except json.JSONDecodeError as e:
+                raise PixsigmaError(f"{sched_file}: not valid JSON ({e})") from None
+        return cls(model, text, vae, scheduler_config, device=device, name=name)
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        """The model's base pixel size (training latent size × VAE factor)."""
+        return self.transformer.config.sample_size * self.vae.factor
+
+    @property
+    def patch_pixels(self) -> int:
+        return self.transformer.config.patch_size * self.vae.factor
+
+    def weights_hash(self) -> str:
+        """A short (12 hex) SHA-256 over the transformer's weights, to tell models apart."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.transformer.state_dict().items()):
+                h.update(key.encode())
+                t = tensor.detach().cpu().contiguous()
+                h.update(str(t.dtype).encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._hash = h.hexdigest()[:12]
+        return self._hash
+
+    # -- generation ------------------------------------------------------------------------------
+    def _request_size(self, height, width, options: dict) -> tuple[int, int]:
+        if height is not None or width is not None:
+            res = self.resolution
+            return check_side(height if height is not None else res, "height"), check_side(width if width is not None else res, "width")
+        if "hw" in options:
+            return options["hw"]
+        if "ar" in options:
+            return size_for_ratio(options["ar"], self.resolution)
+        return self.resolution, self.resolution
+
+    def _noise(self, shape, generator, count: int) -> torch.Tensor:
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != count:
+                raise PixsigmaError(f"{len(generator)} generators for {count} images; expected one per image")
+            noise = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(self.device) for g in generator]
+            return torch.cat(noise)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt="", num_inference_steps: int | None = None, guidance_scale: float = 4.5,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1, generator=None,
+                 latents: torch.Tensor | None = None, sampler: str = "dpm-solver", output_type: str = "pil",
+                 use_resolution_binning: bool = True, callback=None, max_sequence_length: int | None = None,
+                 seed: int | None = None, progress: bool = False) -> SigmaOutput:
+        """Generate images. prompt: str or list (may be ""; inline "--ar h:w" / "--hw h:w" honored);
+        negative_prompt: str or list (the unconditional branch); num_inference_steps: default
+        per sampler (dpm-solver 20, sa-solver 25, iddpm 100); generator: a torch.Generator, or a
+        list with one per image; seed: shortcut for a CPU generator; latents: initial standard
+        normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt | latent."""
+        timings = {}
+        sampler = resolve_sampler(sampler)
+        steps = int(num_inference_steps) if num_inference_steps is not None else default_steps(sampler)
+        if output_type not in OUTPUT_TYPES:
+            raise PixsigmaError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PixsigmaError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        try:
+            guidance_scale = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise PixsigmaError(f"guidance scale {guidance_scale!r} is not a number") from None
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise PixsigmaError(f"guidance scale {guidance_scale} must be a finite number >= 0")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise PixsigmaError("prompt must be a string or a non-empty list of strings")
+        parsed = [parse_prompt_options(p) for p in prompts]
+        prompts = [p for p, _ in parsed]
+        options = [o for _, o in parsed]
+        if any(o != options[0] for o in options):
+            raise PixsigmaError("prompts of one call ask for different sizes (--ar/--hw); expected one size per call")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise PixsigmaError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; expected one string or one per prompt")
+
+        req_h, req_w = self._request_size(height, width, options[0])
+        gen_h, gen_w = plan_size(req_h, req_w, self.resolution, self.patch_pixels, use_resolution_binning)
+        f, c = self.vae.factor, self.transformer.config.in_channels
+        n = len(prompts) * num_images_per_prompt
+        shape = (n, c, gen_h // f, gen_w // f)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise PixsigmaError(f"latents of shape {tuple(latents.shape)}; expected {shape} for {gen_h}x{gen_w} pixels")
+            noise = latents.to(self.device, torch.float32)
+        else:
+            if seed is not None and generator is None:
+                generator = torch.Generator("cpu").manual_seed(int(seed))
+            noise = self._noise(shape, generator, n)
+        log.debug("generating %d image(s) at %dx%d (requested %dx%d)", n, gen_w, gen_h, req_w, req_h)
+
+        # 1. text
+        t0 = time.perf_counter()
+        max_len = max_sequence_length or self.text_encoder.max_length
+        emb, mask = self.text_encoder.encode(prompts, max_len)
+        cfg = guidance_scale > 1.0
+        if cfg:
+            neg_emb, neg_mask = self.text_encoder.encode(negatives, max_len)
+            emb, mask = torch.cat([neg_emb, emb]), torch.cat([neg_mask, mask])
+        if num_images_per_prompt > 1:
+            emb = emb.repeat_interleave(num_images_per_prompt, dim=0)
+            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        wdtype = self.transformer.x_embedder.proj.weight.dtype
+        context = self.transformer.prepare_caption(emb.to(self.device, wdtype), mask.to(self.device))
+        timings["text"] = time.perf_counter() - t0
+
+        # 2. denoise
+        transformer = self.transformer
+
+        def model_fn(x, t):
+            x_in = torch.cat([x, x]) if cfg else x
+            t_in = torch.as_tensor(t, device=self.device).reshape(-1).expand(x_in.shape[0])
+            out = transformer(x_in, t_in, context).float()
+            if not cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
+            return torch.cat([eps, cond[:, c:]], dim=1)  # learned variance from the conditional pass
+
+        t0 = time.perf_counter()
+        x = sample(model_fn, noise, sampler=sampler, steps=steps, generator=generator if not isinstance(generator, (list, tuple)) else generator[0],
+                   callback=callback, scheduler_config=self.scheduler_config, progress=progress)
+        timings["denoise"] = time.perf_counter() - t0
+        info = {"height": req_h, "width": req_w, "generated_height": gen_h, "generated_width": gen_w, "steps": steps,
+                "sampler": sampler, "guidance_scale": guidance_scale, "prompts": prompts, "negative_prompts": negatives}
+        if output_type == "latent":
+            return SigmaOutput(images=x, info=info, timings=timings)
+
+        # 3. decode
+        t0 = time.perf_counter()
+        images = self.vae.decode(x)
+        if images.shape[-2:] != (req_h, req_w):
+            images = resize_and_crop(images, req_h, req_w).clamp_(0, 1)
+        timings["decode"] = time.perf_counter() - t0
+        if output_type == "pt":
+            return SigmaOutput(images=images, info=info, timings=timings)
+        arr = images.permute(0, 2, 3, 1).cpu().float().numpy()
+        if output_type == "np":
+            return SigmaOutput(images=arr, info=info, timings=timings)
+        from PIL import Image
+
+        pil = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+        return SigmaOutput(images=pil, info=info, timings=timings)
