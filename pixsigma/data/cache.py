@@ -402,3 +402,53 @@ class RawSource:
         valid = [_valid_tokens(e.cpu(), m.cpu()) for e, m in zip(emb, mask)]
         emb, mask = pad_captions(valid, self.caption_length)
         return {"mean": mean.cpu(), "std": std.cpu(), "caption": emb, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# `pixsigma extract`
+# ---------------------------------------------------------------------------------------------
+
+
+def run_extract(args) -> dict:
+    """The CLI command: options from the arguments, unset ones from `--config` (data / model)."""
+    d, tokens = {}, None
+    if args.config:
+        from pixsigma.train.config import load_config
+
+        cfg = load_config(args.config)
+        d = vars(cfg.data)
+        if "max_caption_tokens" in cfg.model.overrides:
+            tokens = int(cfg.model.overrides["max_caption_tokens"])
+        elif cfg.model.init_from:
+            from pixsigma.model.checkpoint import read_checkpoint
+
+            tokens = read_checkpoint(cfg.model.init_from)[1].max_caption_tokens
+        else:
+            from pixsigma.model import SMALL, TINY, XL_2
+
+            tokens = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[cfg.model.preset].max_caption_tokens
+    dataset_path = args.dataset or d.get("path")
+    cache_dir = args.cache or d.get("cache_dir")
+    vae_path = args.vae or d.get("vae")
+    te_path = args.text_encoder or d.get("text_encoder")
+    resolution = args.resolution or d.get("resolution")
+    for name, value in (("dataset", dataset_path), ("--cache", cache_dir), ("--vae", vae_path), ("--text-encoder", te_path),
+                        ("--resolution", resolution)):
+        if not value:
+            raise PixsigmaError(f"extract needs {name} (give it, or a --config that sets it)")
+    max_tokens = args.max_tokens or tokens or 300
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = CaptionDataset(dataset_path, args.layout or d.get("layout", "auto"),
+                             args.long_caption_key or d.get("long_caption_key", "sharegpt4v"),
+                             d.get("max_aspect_ratio", 4.0), d.get("image_root"))
+    vae = load_vae(vae_path).to(device)
+    text_encoder = load_text_encoder(te_path, max_tokens)
+    if hasattr(text_encoder, "model"):
+        text_encoder.model.to(device)
+        text_encoder.device = torch.device(device)
+    multiple = args.patch_size * vae_info(vae)["factor"]
+    return extract_features(dataset, cache_dir, text_encoder, vae, int(resolution), max_tokens, multiple=multiple,
+                            shard_size=args.shard_size, batch_size=args.batch_size, start=args.start, end=args.end,
+                            rank=rank, world_size=world, dtype=args.dtype, vae_path=str(vae_path), text_encoder_path=str(te_path))
