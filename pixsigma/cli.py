@@ -251,7 +251,7 @@ def add_train(sub) -> None:
 
 
 def cmd_extract(args) -> int:
-    from pixsigma.train.extract import run_extract
+    from pixsigma.data.cache import run_extract
 
     run_extract(args)
     return 0
