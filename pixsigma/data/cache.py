@@ -77,7 +77,7 @@ def vae_info(vae) -> dict:
     return {
         "factor": 2 ** (len(cfg.block_out_channels) - 1),
         "latent_channels": int(cfg.latent_channels),
-        "scaling_factor": float(getattr(vae, "scaling_factor", None) or cfg.scaling_factor),
+        "scaling_factor": float((getattr(vae, "scaling_factor", None) if ae is not vae else None) or cfg.scaling_factor),
         "shift_factor": float(getattr(cfg, "shift_factor", None) or 0.0),
     }
 

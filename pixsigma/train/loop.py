@@ -182,19 +182,24 @@ def validate(cfg: TrainConfig, model, text_encoder, vae, run_dir: Path, step: in
     except Exception as e:  # noqa: BLE001 - optional dependency inside the project
         log.info("validation skipped at step %d: pixsigma.pipeline is not available (%s)", step, type(e).__name__)
         return None
+    was_training = model.training
     try:
-        pipe = SigmaPipeline(transformer=model, text_encoder=text_encoder, vae=vae)
-        was_training = model.training
-        model.eval()
+        from pixsigma.data.cache import autoencoder
+        from pixsigma.vae import VAE
+
+        wrapped = vae if isinstance(vae, VAE) else VAE(autoencoder(vae), device=next(model.parameters()).device)
+        pipe = SigmaPipeline(transformer=model, text_encoder=text_encoder, vae=wrapped, device=next(model.parameters()).device)
         images = []
-        for prompt, seed in zip(cfg.validation.prompts, cfg.validation.seeds * len(cfg.validation.prompts)):
+        seeds = list(cfg.validation.seeds) or [0]
+        for i, prompt in enumerate(cfg.validation.prompts):
             out = pipe(prompt, num_inference_steps=cfg.validation.steps, guidance_scale=cfg.validation.guidance_scale,
-                       generator=torch.Generator().manual_seed(seed))
-            images.append(out[0] if isinstance(out, (list, tuple)) else getattr(out, "images", [out])[0])
-        model.train(was_training)
+                       sampler=cfg.validation.sampler, seed=seeds[i % len(seeds)])
+            images.append(out.images[0])
     except Exception as e:  # noqa: BLE001 - validation never stops training
         log.warning("validation failed at step %d (%s); training continues", step, " ".join(str(e).split())[:200])
         return None
+    finally:
+        model.train(was_training)
     from PIL import Image
 
     w = max(im.width for im in images)
@@ -383,6 +388,11 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
             validate(cfg, ema if ema is not None else raw_model, text_encoder, vae, run_dir, step, writer)
     bar.close()
     checkpoint(step)
+    digests = rank_digests(acc, raw_model)
+    if main:
+        metrics.write(json.dumps({"step": step, "rank_weight_digests": digests}) + "\n")
+        if len(set(digests)) > 1:
+            log.warning("ranks hold different weights at the end of training: %s", digests)
     export = run_dir / "model.safetensors"
     final = ema if (cfg.checkpointing.export == "ema" and ema is not None) else _model_to_save(acc, model, raw_model)
     if main:
@@ -394,6 +404,26 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     acc.wait_for_everyone()
     acc.end_training()
     return export
+
+
+def weights_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rank_digests(acc, model) -> list[str]:
+    """Every rank's weight hash (gathered), to check that data-parallel ranks stayed identical."""
+    if acc.distributed_type.name == "FSDP":
+        return []
+    digest = bytes.fromhex(weights_digest(model))[:16]
+    local = torch.frombuffer(bytearray(digest), dtype=torch.int64).to(acc.device)
+    gathered = acc.gather(local).reshape(-1, 2).cpu()
+    return [row.numpy().tobytes().hex() for row in gathered]
 
 
 def _model_to_save(acc, model, raw_model):
