@@ -187,8 +187,8 @@ class TrainConfig:
 
 
 def _nearest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; expected one of {sorted(options)}"
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.0)
+    return f"; did you mean {close[0]!r}? (valid: {', '.join(sorted(options))})" if close else ""
 
 
 def _coerce(value, tp, key: str):

@@ -1,0 +1,164 @@
+"""Training loop: a tiny model learns, configs parse strictly, checkpoints and transitions load."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pixsigma.data.cache import write_cache
+from pixsigma.errors import PixsigmaError
+from pixsigma.train.config import STAGES, config_from_dict, load_config
+
+VAE = {"factor": 8, "latent_channels": 4, "scaling_factor": 1.0, "shift_factor": 0.0}
+
+
+def synthetic_cache(path, n=8, seed=0, caption_channels=32):
+    """Fixed random latents (8×8, plus a few 8×16) and captions: something to memorize."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        hw = (8, 16) if i % 4 == 3 else (8, 8)
+        samples.append({"mean": torch.randn(4, *hw, generator=g) * 0.8, "std": torch.full((4, *hw), 0.02),
+                        "short": torch.randn(3 + i % 3, caption_channels, generator=g),
+                        "long": torch.randn(7, caption_channels, generator=g) if i % 2 else None})
+    return write_cache(path, samples, resolution=64, vae=VAE, max_length=16, shard_size=4)
+
+
+def tiny_config(tmp_path, cache, **sections):
+    d = {"model": {"preset": "tiny"}, "data": {"cache_dir": str(cache)},
+         "optim": {"name": "adamw", "lr": 1e-3, "warmup_steps": 10, "grad_clip": 1.0, "ema_decay": 0.0},
+         "schedule": {"max_steps": 20, "batch_size": 4, "log_every": 10},
+         "checkpointing": {"every": 0, "export": "model"}, "output": {"dir": str(tmp_path / "run"), "tensorboard": False}}
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v}
+    return config_from_dict(d)
+
+
+@torch.no_grad()
+def eval_loss(model, cache_dir, n_batches=6):
+    """Mean loss over fixed samples, timesteps and noise (lower-variance than the training log)."""
+    from pixsigma.data.buckets import BucketBatchSampler
+    from pixsigma.data.cache import CachedSource, FeatureCache
+    from pixsigma.diffusion.gaussian import GaussianDiffusion
+    from pixsigma.train.loop import batch_loss
+
+    source = CachedSource(FeatureCache(cache_dir), model.config.max_caption_tokens, 0.6, 0)
+    sampler = BucketBatchSampler(source.buckets(), 4, seed=0)
+    g = torch.Generator().manual_seed(123)
+    model.eval()
+    losses = []
+    for rep in range(n_batches):
+        for _, pos in sampler.batches(rep):
+            losses.append(batch_loss(model, GaussianDiffusion(), source.fetch(pos, rep), source.vae, g, 0, 1, 0.0, "cpu").item())
+    return float(np.mean(losses))
+
+
+def test_tiny_model_learns(tmp_path):
+    from pixsigma.model import PixArtSigmaTransformer, TINY, load_transformer
+    from pixsigma.train.loop import train
+
+    cache = synthetic_cache(tmp_path / "cache")
+    cfg = tiny_config(tmp_path, cache, schedule={"max_steps": 300, "log_every": 50, "seed": 1})
+    torch.manual_seed(1)
+    before = eval_loss(PixArtSigmaTransformer(TINY.with_(sample_size=8)), cache)
+    out = train(cfg)
+    after = eval_loss(load_transformer(out), cache)
+    assert after < 0.4 * before, (before, after)
+    logged = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(logged[0])
+
+
+def test_config_unknown_key_and_set(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('stage = "aesthetics-512"\n[data]\npath = "x"\n[optim]\nweight_decy = 0\n')
+    with pytest.raises(PixsigmaError, match=r"'optim.weight_decy'.*did you mean 'weight_decay'"):
+        load_config(cfg_file)
+    cfg_file.write_text('stage = "aesthetics-512"\n[data]\npath = "x"\n[optim]\nlr = 1e-4\n')
+    cfg = load_config(cfg_file, ["schedule.snr_gamma=5", "optim.betas=[0.9, 0.99]", "model.gradient_checkpointing=true",
+                                 "output.dir=/tmp/somewhere", "model.overrides.depth=4"])
+    assert cfg.optim.lr == 1e-4  # the file wins over the stage preset
+    assert cfg.data.resolution == 512 and cfg.schedule.max_steps == STAGES["aesthetics-512"]["max_steps"]
+    assert cfg.schedule.snr_gamma == 5.0 and isinstance(cfg.schedule.snr_gamma, float)
+    assert cfg.optim.betas == [0.9, 0.99] and cfg.model.gradient_checkpointing is True
+    assert cfg.output.dir == "/tmp/somewhere" and cfg.model.overrides == {"depth": 4}
+    with pytest.raises(PixsigmaError, match="'schedule.max_step'.*'max_steps'"):
+        load_config(cfg_file, ["schedule.max_step=3"])
+    with pytest.raises(PixsigmaError, match="model.overrides.dept.*'depth'"):
+        load_config(cfg_file, ["model.overrides.dept=3"])
+    with pytest.raises(PixsigmaError, match="must be an integer"):
+        load_config(cfg_file, ["schedule.batch_size=abc"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  cache_dir: c\noptim:\n  name: adamw\n")
+    assert load_config(yaml_file).optim.name == "adamw"
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+    assert len(files) >= len(STAGES)
+    for f in files:
+        load_config(f)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nnmae = 'came'\n")
+    r = subprocess.run([sys.executable, "-m", "pixsigma.cli", "train", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "did you mean 'name'" in r.stderr
+
+
+def test_optimizer_state_roundtrip_without_pickle():
+    from came_pytorch import CAME
+
+    from pixsigma.train.checkpointing import optimizer_from_files, optimizer_to_files
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = CAME([p], lr=1e-3)
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    tensors, structure = optimizer_to_files(opt.state_dict())
+    structure = json.loads(json.dumps(structure))
+    opt2 = CAME([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
+    opt2.load_state_dict(optimizer_from_files(tensors, structure, like=opt2.state_dict()))
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k, v in s1["state"][0].items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][0][k]))
+
+
+def test_adapt_transitions_load_and_train(tmp_path):
+    from pixsigma.model import PixArtSigmaTransformer, TINY, load_transformer, save_transformer
+    from pixsigma.train import adapt
+    from pixsigma.train.loop import train
+
+    src = save_transformer(PixArtSigmaTransformer(TINY.with_(sample_size=8)), tmp_path / "base.safetensors")
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    (vae_dir / "config.json").write_text(json.dumps({"latent_channels": 4, "block_out_channels": [8, 8, 8, 8], "scaling_factor": 0.5}))
+    cache = synthetic_cache(tmp_path / "cache")
+    a = adapt.adapt_vae(src, tmp_path / "a.safetensors", vae_dir, caches=[cache])
+    assert (cache / "STALE").is_file()
+    assert load_transformer(a).history[-1]["scaling_factor"] == 0.5
+    b = adapt.adapt_resolution(a, tmp_path / "b.safetensors", 128)
+    mb = load_transformer(b)
+    assert mb.config.sample_size == 16 and mb.config.pe_interpolation == 2.0 and mb.history[-1]["resolution"] == 128
+    c = adapt.adapt_kv_compress(b, tmp_path / "c.safetensors")
+    mc = load_transformer(c)
+    assert mc.config.kv_compress.layers == (1,) and mc.config.kv_compress.operator == "conv"
+    d = adapt.adapt_tokens(c, tmp_path / "d.safetensors", 24)
+    md = load_transformer(d)
+    assert md.config.max_caption_tokens == 24 and [h["action"] for h in md.history] == ["vae", "resolution", "kv-compress", "tokens"]
+
+    (cache / "STALE").unlink()
+    cfg = tiny_config(tmp_path, cache, model={"init_from": str(d)}, schedule={"max_steps": 2, "log_every": 1})
+    out = train(cfg)
+    trained = load_transformer(out)
+    assert trained.config.kv_compress.layers == (1,) and len(trained.history) == 4
+    with pytest.raises(PixsigmaError, match="stale"):
+        adapt.mark_stale(cache, "VAE changed")
+        train(tiny_config(tmp_path, cache, output={"dir": str(tmp_path / "run2")}))
