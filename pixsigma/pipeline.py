@@ -54,7 +54,7 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def _load_transformer_from(path: Path, dtype):
+def _load_transformer_from(path: Path, dtype, overrides: dict | None = None):
     from pixsigma.model.checkpoint import load_transformer
 
     if path.is_dir() and not (path / "config.json").is_file():
@@ -64,7 +64,7 @@ def _load_transformer_from(path: Path, dtype):
         else:
             raise PixsigmaError(f"{path}: expected a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors) "
                                 "or exactly one .safetensors/.pth file")
-    return load_transformer(path, dtype=dtype)
+    return load_transformer(path, dtype=dtype, **(overrides or {}))
 
 
 class SigmaPipeline:
@@ -90,13 +90,14 @@ class SigmaPipeline:
     @classmethod
     def from_pretrained(cls, folder=None, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
                         vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
-                        max_sequence_length: int | None = None):
+                        max_sequence_length: int | None = None, transformer_overrides: dict | None = None):
         """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model.
 
         transformer: a path (official .pth, pixsigma .safetensors, diffusers transformer folder) or
         a PixArtSigmaTransformer replacing the folder's. dtype: the transformer's (fp32/bf16/fp16);
         the text encoder follows it (bf16 instead of fp16: T5 overflows in fp16), the VAE is fp32
-        unless dtype is bf16.
+        unless dtype is bf16. transformer_overrides: what an official .pth cannot tell
+        (sample_size, pe_interpolation, num_heads), passed to `load_transformer`.
         """
         from pixsigma.model.transformer import PixArtSigmaTransformer
 
@@ -123,7 +124,7 @@ class SigmaPipeline:
             name = folder.name
         else:
             src = Path(transformer) if transformer is not None else folder / "transformer"
-            model = _load_transformer_from(src, dtype).to(device)
+            model = _load_transformer_from(src, dtype, transformer_overrides).to(device)
             name = src.stem if transformer is not None else folder.name
         if default:
             name = "default"

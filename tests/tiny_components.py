@@ -67,16 +67,19 @@ def build_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     return T5EncoderModel(cfg).eval()
 
 
-def build_vae(levels: int = 2, channels: int = 32, groups: int = 32, seed: int = 0):
-    """AutoencoderKL with `levels` resolution levels: downsampling factor 2**(levels-1)."""
+def build_vae(levels: int = 2, channels: int = 32, groups: int = 32, seed: int = 0, layers_per_block: int = 1,
+              mid_attention: bool = True):
+    """AutoencoderKL with `levels` resolution levels: downsampling factor 2**(levels-1).
+    mid_attention=False drops the mid-block self-attention (whose cost is quadratic in the
+    latent pixels: an untiled 4K decode on CPU would take minutes with it)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=(channels,) * levels, layers_per_block=1, norm_num_groups=groups,
-        sample_size=64, scaling_factor=0.13025,
+        block_out_channels=(channels,) * levels, layers_per_block=layers_per_block, norm_num_groups=groups,
+        sample_size=64, scaling_factor=0.13025, mid_block_add_attention=mid_attention,
     ).eval()
 
 
@@ -107,7 +110,8 @@ def scheduler_config() -> dict:
 
 def build_pipeline_folder(folder, sample_size: int = 16, vae_levels: int = 2, vae_channels: int = 32,
                           vae_groups: int = 32, hidden: int = 32, depth: int = 2, max_tokens: int = 16,
-                          with_text: bool = True, seed: int = 0) -> Path:
+                          with_text: bool = True, seed: int = 0, vae_layers_per_block: int = 1,
+                          vae_mid_attention: bool = True, caption_channels: int = 32) -> Path:
     """A diffusers-layout PixArt-Σ pipeline folder of tiny random components.
 
     Written through diffusers' PixArtSigmaPipeline.save_pretrained (model_index.json etc.), then
@@ -120,8 +124,9 @@ def build_pipeline_folder(folder, sample_size: int = 16, vae_levels: int = 2, va
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok, _ = build_tokenizer(folder / "_spm")
-    text_encoder = build_text_encoder(len(tok), seed=seed)
-    vae = build_vae(vae_levels, vae_channels, vae_groups, seed=seed)
+    text_encoder = build_text_encoder(len(tok), d_model=caption_channels, seed=seed)
+    vae = build_vae(vae_levels, vae_channels, vae_groups, seed=seed, layers_per_block=vae_layers_per_block,
+                    mid_attention=vae_mid_attention)
     model = build_transformer(text_encoder.config.d_model, sample_size, hidden, depth, max_tokens=max_tokens, seed=seed)
     save_transformer(model, folder / "_transformer", to="diffusers")
     dtransformer = PixArtTransformer2DModel.from_pretrained(folder / "_transformer")

@@ -1,0 +1,342 @@
+"""SigmaPipeline: parity with diffusers' PixArtSigmaPipeline, samplers, CFG, sizes, errors, 4K, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixsigma import cli
+from pixsigma.diffusion.iddpm import IDDPMSchedule, linear_betas
+from pixsigma.diffusion.samplers import SAMPLERS, make_scheduler, sample
+from pixsigma.errors import PixsigmaError
+from pixsigma.model.checkpoint import save_transformer
+from pixsigma.model.transformer import KVCompressConfig
+from pixsigma.pipeline import SigmaPipeline
+from pixsigma.resolution import aspect_ratio_bins
+from pixsigma.pngmeta import read_png_params
+from tests.tiny_components import build_pipeline_folder, build_transformer
+
+PROMPT = "A Photo of a red cat sitting on a wooden table"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_pipeline_folder(tmp_path_factory.mktemp("pipe") / "p")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return SigmaPipeline.from_pretrained(folder, lowercase=True)  # diffusers lowercases prompts
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    from diffusers import PixArtSigmaPipeline
+
+    p = PixArtSigmaPipeline.from_pretrained(folder)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _noise(seed=0, shape=(1, 4, 16, 16)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def _both(pipe, theirs, sampler, output_type, lat, **kwargs):
+    common = dict(height=32, width=32, guidance_scale=4.5, negative_prompt="blurry", max_sequence_length=16,
+                  output_type=output_type, **kwargs)
+    ours = pipe(PROMPT, latents=lat, sampler=sampler, generator=torch.Generator().manual_seed(1), **common).images
+    ref = theirs(PROMPT, latents=lat.clone(), use_resolution_binning=False, clean_caption=False,
+                 generator=torch.Generator().manual_seed(1), **common).images
+    return ours, ref
+
+
+def test_parity_with_diffusers_dpm_solver_cfg(pipe, theirs, folder):
+    """Same prompt, negative prompt, initial latents: images within 1e-4 mean abs (0..1)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    theirs.scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
+    lat = _noise()
+    ours_img, ref_img = _both(pipe, theirs, "dpm-solver", "np", lat, num_inference_steps=8)
+    assert ours_img.shape == ref_img.shape == (1, 32, 32, 3)
+    assert np.abs(ours_img - ref_img).mean() < 1e-4
+    ours_lat, ref_lat = _both(pipe, theirs, "dpm-solver", "latent", lat, num_inference_steps=8)
+    err = (ours_lat - ref_lat).abs().mean()
+    assert err <= 1e-4 * ref_lat.abs().mean()
+    # the comparison is sensitive: another prompt moves the latents far more than the tolerance
+    other = pipe("a painting of a blue house", latents=lat, output_type="latent", num_inference_steps=8, height=32,
+                 width=32, negative_prompt="blurry", max_sequence_length=16).images
+    assert (other - ours_lat).abs().mean() > 100 * err
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "sa-solver"])
+def test_parity_with_diffusers_other_schedulers(pipe, theirs, sampler):
+    theirs.scheduler = make_scheduler(sampler, pipe.scheduler_config)
+    ours_lat, ref_lat = _both(pipe, theirs, sampler, "latent", _noise(), num_inference_steps=4)
+    assert (ours_lat - ref_lat).abs().mean() <= 1e-4 * ref_lat.abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_each_sampler_runs(pipe, sampler):
+    seen = []
+    out = pipe("a cat", sampler=sampler, num_inference_steps=3, seed=0, output_type="np",
+               callback=lambda i, t, x: seen.append(i))
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    assert seen == [0, 1, 2]
+    assert out.info["sampler"] == sampler
+
+
+def test_unknown_sampler_lists_choices(pipe):
+    with pytest.raises(PixsigmaError) as e:
+        pipe("a cat", sampler="heun")
+    for name in SAMPLERS:
+        assert name in str(e.value)
+
+
+def test_nan_stops_with_step():
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(t)
+        out = torch.zeros(x.shape[0], 8, *x.shape[2:])
+        if len(calls) == 3:
+            out[0, 0, 0, 0] = float("nan")
+        return out
+
+    for sampler in ("dpm-solver", "iddpm"):
+        calls.clear()
+        with pytest.raises(PixsigmaError, match=r"step 3/5"):
+            sample(model_fn, torch.randn(1, 4, 8, 8), sampler=sampler, steps=5)
+
+
+def _numpy_learned_log_variance(T, steps, i, v):
+    """Independent computation of IDDPM's learned-range variance on a respaced schedule."""
+    betas = np.linspace(1e-4, 0.02, T)
+    acp = np.cumprod(1 - betas)
+    use = sorted({int(round(k * (T - 1) / (steps - 1))) for k in range(steps)})
+    last, new_betas = 1.0, []
+    for t in use:
+        new_betas.append(1 - acp[t] / last)
+        last = acp[t]
+    new_betas = np.array(new_betas)
+    a = np.cumprod(1 - new_betas)
+    a_prev = np.concatenate([[1.0], a[:-1]])
+    post = new_betas * (1 - a_prev) / (1 - a)
+    post_clipped = np.log(np.concatenate([[post[1]], post[1:]]))
+    frac = (v + 1) / 2
+    return frac * np.log(new_betas[i]) + (1 - frac) * post_clipped[i], use
+
+
+@pytest.mark.parametrize("i", [0, 1, 37, 99])
+def test_iddpm_learned_variance_formula(i):
+    sched = IDDPMSchedule(linear_betas(1000), 100)
+    v = np.linspace(-1, 1, 7)
+    expected, use = _numpy_learned_log_variance(1000, 100, i, v)
+    got = sched.learned_log_variance(i, torch.tensor(v, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert list(sched.timesteps) == use and sched.timesteps[0] == 0 and sched.timesteps[-1] == 999
+
+
+def test_iddpm_sampler_uses_the_learned_half():
+    def make(vvalue):
+        def model_fn(x, t):
+            return torch.cat([torch.zeros_like(x), torch.full_like(x, vvalue)], dim=1)
+        return model_fn
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lo = sample(make(-1.0), x, "iddpm", steps=10, generator=torch.Generator().manual_seed(1))
+    hi = sample(make(1.0), x, "iddpm", steps=10, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(lo, hi)
+    assert hi.std() > lo.std()  # max variance (β) adds more noise than the posterior variance
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deterministic_and_seed_sensitive(pipe):
+    a = pipe("a red cat", seed=5, num_inference_steps=3, output_type="np").images
+    b = pipe("a red cat", seed=5, num_inference_steps=3, output_type="np").images
+    c = pipe("a red cat", seed=6, num_inference_steps=3, output_type="np").images
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_cfg_is_one_batched_forward_with_one_caption_context(pipe, monkeypatch):
+    calls, prepared = [], []
+    forward = pipe.transformer.forward
+    prepare = pipe.transformer.prepare_caption
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k))
+    monkeypatch.setattr(pipe.transformer, "prepare_caption", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    pipe(["a cat", "a dog"], num_inference_steps=4, seed=0, output_type="latent", num_images_per_prompt=2)
+    assert calls == [8] * 4 and len(prepared) == 1
+    calls.clear()
+    pipe("a cat", num_inference_steps=2, seed=0, output_type="latent", guidance_scale=1.0)
+    assert calls == [1, 1]
+
+
+def test_negative_prompt_and_empty_prompt(pipe):
+    base = pipe("a red cat", seed=0, num_inference_steps=3, output_type="latent").images
+    neg = pipe("a red cat", negative_prompt="a blue house", seed=0, num_inference_steps=3, output_type="latent").images
+    assert not torch.allclose(base, neg)
+    empty = pipe("", seed=0, num_inference_steps=3, output_type="pil").images
+    assert empty[0].size == (32, 32)
+
+
+def test_batches_and_output_types(pipe):
+    out = pipe(["a cat", "a dog"], negative_prompt=["ugly", "blurry"], num_images_per_prompt=2, seed=0,
+               num_inference_steps=2, output_type="pil")
+    assert len(out.images) == 4 and all(im.size == (32, 32) for im in out.images)
+    assert set(out.timings) == {"text", "denoise", "decode"}
+    with pytest.raises(PixsigmaError):
+        pipe("a cat", output_type="jpeg")
+    with pytest.raises(PixsigmaError):
+        pipe(["a", "b"], negative_prompt=["x"])
+
+
+def test_sizes_binning_and_inline_options(pipe):
+    out = pipe("a cat", height=37, width=53, seed=0, num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 37, 53, 3)
+    gen = (out.info["generated_height"], out.info["generated_width"])
+    assert gen in aspect_ratio_bins(32, 4).values() and gen[0] < gen[1]  # a bin of the tiny 32 px model
+    out = pipe("a cat", height=30, width=50, seed=0, num_inference_steps=2, output_type="np", use_resolution_binning=False)
+    assert out.images.shape == (1, 30, 50, 3) and out.info["generated_height"] == 32 and out.info["generated_width"] == 52
+    out = pipe("a cat --hw 20:44", seed=0, num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 20, 44, 3) and out.info["prompts"] == ["a cat"]
+    out = pipe("a cat --ar 2:1", seed=0, num_inference_steps=2, output_type="np")
+    h, w = out.images.shape[1:3]
+    assert h / w == pytest.approx(2.0, rel=0.05)
+    for bad in [dict(height=0), dict(width=-3), dict(height=9000), dict(height="big")]:
+        with pytest.raises(PixsigmaError):
+            pipe("a cat", num_inference_steps=1, **bad)
+
+
+def test_transformer_override_files(pipe, folder, tmp_path):
+    lat = _noise()
+    ref = pipe("a cat", latents=lat, num_inference_steps=2, output_type="latent").images
+    save_transformer(pipe.transformer, tmp_path / "t.safetensors", to="safetensors")
+    save_transformer(pipe.transformer, tmp_path / "t.pth", to="official")
+    overrides = {"sample_size": 16, "pe_interpolation": 1.0, "num_heads": 2}  # what a .pth cannot tell
+    for path, extra in ((tmp_path / "t.safetensors", None), (tmp_path / "t.pth", overrides)):
+        other = SigmaPipeline.from_pretrained(folder, transformer=path, lowercase=True, transformer_overrides=extra)
+        assert torch.allclose(other("a cat", latents=lat, num_inference_steps=2, output_type="latent").images, ref)
+
+
+def test_layout_errors(folder, tmp_path, monkeypatch):
+    import pixsigma.pipeline as P
+
+    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    with pytest.raises(PixsigmaError, match="default_model"):
+        SigmaPipeline.from_pretrained(None)
+    with pytest.raises(PixsigmaError, match="does not exist"):
+        SigmaPipeline.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    (broken / "transformer").mkdir(parents=True)
+    with pytest.raises(PixsigmaError, match=r"vae/"):
+        SigmaPipeline.from_pretrained(broken)
+    wide = build_transformer(caption_channels=48)
+    with pytest.raises(PixsigmaError, match=r"48.*32|32.*48"):
+        SigmaPipeline.from_pretrained(folder, transformer=wide)
+
+
+def test_default_model_without_text_encoder_uses_minilm(tmp_path, monkeypatch):
+    import pixsigma.pipeline as P
+
+    default = build_pipeline_folder(tmp_path / "default_model", caption_channels=384, with_text=False)
+    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", default)
+    p = SigmaPipeline.from_pretrained(None)
+    assert p.text_encoder.hidden_size == 384 and p.name == "default"
+    out = p("a small cactus", seed=0, num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4K
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_4096_generation_completes(tmp_path):
+    """4096² with a factor-8 VAE: a 512² latent, 65,536 tokens at patch 2, KV compression in
+    one of two layers, tiled VAE decoding (121 tiles)."""
+    folder = build_pipeline_folder(tmp_path / "p4k", sample_size=512, vae_levels=4, vae_channels=8, vae_groups=4,
+                                   vae_layers_per_block=0, vae_mid_attention=False, hidden=16)
+    model = build_transformer(32, 512, hidden=16, depth=2, heads=2, kv_compress=KVCompressConfig("conv", 2, (1,)))
+    pipe = SigmaPipeline.from_pretrained(folder, transformer=model)
+    assert pipe.resolution == 4096
+    out = pipe("a cat", height=4096, width=4096, num_inference_steps=1, guidance_scale=1.0, seed=0, output_type="pt")
+    assert out.images.shape == (1, 3, 4096, 4096)
+    assert out.info["generated_height"] == 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pixsigma.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_generate_and_info_roundtrip_subprocess(folder, tmp_path):
+    out = tmp_path / "img.png"
+    res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(out), "--seed", "7", "--steps", "2",
+               "--cfg", "3", "--size", "40x24", "--negative", "ugly")
+    assert res.returncode == 0, res.stderr[-2000:]
+    params = read_png_params(out)
+    assert params["prompt"] == "a red cat" and params["negative"] == "ugly" and params["seed"] == 7
+    assert params["steps"] == 2 and params["cfg"] == 3.0 and params["sampler"] == "dpm-solver"
+    assert params["size"] == "40x24" and params["model"] == "p" and len(params["model_hash"]) == 12
+    res = _cli("info", str(out))
+    assert res.returncode == 0 and "seed: 7" in res.stdout and "prompt: a red cat" in res.stdout
+    # bad input: one line, exit 2, no traceback
+    for args in (["--sampler", "heun"], ["--size", "0x64"], ["--size", "wide"]):
+        res = _cli("generate", "a cat", "--model", str(folder), "-o", str(tmp_path / "bad.png"), *args)
+        assert res.returncode == 2
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_cli_prompts_file_numbering_and_overwrite(folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\n  \na blue house --ar 1:2\nan astronaut\n")
+    out = tmp_path / "batch.png"
+    base = ["generate", "--prompts-file", str(prompts), "--model", str(folder), "-o", str(out), "--steps", "1", "--seed", "3"]
+    assert cli.main(base) == 0
+    files = sorted(p.name for p in tmp_path.glob("batch*.png"))
+    assert files == ["batch-000.png", "batch-001.png", "batch-002.png"]
+    seeds = [read_png_params(tmp_path / f)["seed"] for f in files]
+    assert seeds == [3, 4, 5]
+    before = (tmp_path / "batch-001.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main(base + ["--seed", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "batch-001.png").read_bytes() == before
+    assert cli.main(base + ["--seed", "9", "--overwrite"]) == 0
+    assert read_png_params(tmp_path / "batch-001.png")["seed"] == 10
+    # -n N numbers the images too
+    assert cli.main(["generate", "a cat", "--model", str(folder), "-o", str(tmp_path / "n.png"), "-n", "2", "--steps", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("n*.png")) == ["n-000.png", "n-001.png"]
+    # info on something that is not ours
+    (tmp_path / "plain.txt").write_text("x")
+    assert cli.main(["info", str(tmp_path / "plain.txt")]) == 2
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "batch-000.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 9
