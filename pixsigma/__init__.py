@@ -20,5 +20,7 @@ from pixsigma.model import (
 from pixsigma.pipeline import SigmaOutput, SigmaPipeline
 from pixsigma.text import TextEncoder, minilm_path
 from pixsigma.vae import VAE
+from pixsigma.diffusion.gaussian import GaussianDiffusion
+from pixsigma.train import TrainConfig, load_config  # training API: pixsigma.train.train(config)
 
 __version__ = "0.1.0"

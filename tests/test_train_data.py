@@ -162,7 +162,8 @@ def test_cache_matches_raw_training(tmp_path, encoders):
             "optim": {"name": "adamw", "lr": 1e-3, "warmup_steps": 0, "ema_decay": 0.0},
             "schedule": {"max_steps": 3, "batch_size": 2, "log_every": 1, "deterministic": True},
             "checkpointing": {"every": 0, "export": "model"}, "output": {"tensorboard": False}}
-    raw_cfg = config_from_dict(base, [f"output.dir='{tmp_path / 'raw'}'"])
+    raw_cfg = config_from_dict(base, [f"output.dir='{tmp_path / 'raw'}'", "validation.every=3", "validation.steps=2",
+                                      "validation.prompts=['a red cat']", "validation.seeds=[0]"])
     cache_cfg = config_from_dict(base, [f"output.dir='{tmp_path / 'cached'}'", f"data.cache_dir='{tmp_path / 'cache'}'"])
     train(raw_cfg, text_encoder=text, vae=vae)
     train(cache_cfg)
@@ -170,6 +171,8 @@ def test_cache_matches_raw_training(tmp_path, encoders):
     raw_losses, cached_losses = read(tmp_path / "raw"), read(tmp_path / "cached")
     assert len(raw_losses) == 3
     np.testing.assert_allclose(cached_losses, raw_losses, rtol=1e-5)
+    grid = tmp_path / "raw" / "validation" / "step-00000003.png"
+    assert grid.is_file() and Image.open(grid).size == (32, 32)  # sampled through SigmaPipeline
 
 
 def test_stale_cache_refused(tmp_path):
@@ -182,3 +185,27 @@ def test_stale_cache_refused(tmp_path):
     mark_stale(tmp_path / "c", "VAE changed to /new/vae")
     with pytest.raises(PixsigmaError, match="stale.*new/vae"):
         FeatureCache(tmp_path / "c")
+
+
+def test_extract_cli_split_over_ranks(tmp_path):
+    tc = pytest.importorskip("tests.tiny_components")
+    from pixsigma.cli import main
+    from pixsigma.data.cache import FeatureCache
+
+    pipe = tc.build_pipeline_folder(tmp_path / "pipe", vae_levels=3)
+    data = tmp_path / "data"
+    (data / "data_info.json").parent.mkdir()
+    recs = []
+    for i in range(5):
+        _png(data / f"{i}.png", 32, 32, i)
+        recs.append({"path": f"{i}.png", "height": 32, "width": 32, "ratio": 1.0, "prompt": f"a cat {i}"})
+    (data / "data_info.json").write_text(json.dumps(recs))
+    args = ["extract", str(data), "--cache", str(tmp_path / "c"), "--vae", str(pipe), "--text-encoder", str(pipe),
+            "--resolution", "32", "--max-tokens", "16", "--shard-size", "2", "--world-size", "2"]
+    assert main(args + ["--rank", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == ["shard-00000.safetensors", "shard-00002.safetensors"]
+    with pytest.raises(PixsigmaError, match="incomplete"):
+        FeatureCache(tmp_path / "c")
+    assert main(args + ["--rank", "1"]) == 0
+    assert len(FeatureCache(tmp_path / "c").index) == 5
+    assert main(["extract", str(tmp_path / "missing"), "--cache", "x", "--vae", "v", "--text-encoder", "t", "--resolution", "32"]) == 2
