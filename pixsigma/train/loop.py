@@ -234,7 +234,10 @@ def _accelerator(cfg: TrainConfig):
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["PixArtBlock"],
             state_dict_type="FULL_STATE_DICT", use_orig_params=True)
-    return Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available(), **kwargs)
+    try:
+        return Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available(), **kwargs)
+    except ValueError as e:
+        raise PixsigmaError(f"accelerate cannot set up this run: {' '.join(str(e).split())}") from None
 
 
 def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -> Path:
@@ -255,6 +258,12 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
         torch.use_deterministic_algorithms(True)
     acc = _accelerator(cfg)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    fsdp = acc.distributed_type.name == "FSDP"
+    if cfg.distributed.strategy == "fsdp" and not fsdp:
+        log.warning("FSDP was asked for but accelerate runs %s here (FSDP needs GPUs); training data parallel", acc.distributed_type.name)
+    if fsdp and resume:
+        raise PixsigmaError("resuming an FSDP run is not supported yet; start a new run with model.init_from = "
+                            "<run>/checkpoints/<step>/model.safetensors")
     seed = cfg.schedule.seed
     random.seed(seed)
     np.random.seed(seed)
@@ -283,7 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.attention_fp32 = cfg.precision.attention_fp32
     ema = None
-    if cfg.optim.ema_decay > 0 and cfg.distributed.strategy != "fsdp":
+    if cfg.optim.ema_decay > 0 and not fsdp:
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     elif cfg.optim.ema_decay > 0:
         log.warning("EMA is not kept under FSDP (weights are sharded); the exported model is the trained one")
@@ -335,7 +344,7 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
         state = {"epoch": position.epoch, "batch_in_epoch": position.index, "lr": lr_at(cfg, at_step),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "config": cfg.to_dict(),
                  "world_size": world}
-        opt_state = optimizer.state_dict()
+        opt_state = None if fsdp else optimizer.state_dict()  # FSDP: sharded flat state, not saved (no FSDP resume yet)
         save_checkpoint(run_dir, at_step, model=_model_to_save(acc, model, raw_model), ema=ema, optimizer_state=opt_state,
                         state=state, rng=rng_state(generator), rank=rank, barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep)
 
