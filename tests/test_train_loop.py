@@ -61,11 +61,12 @@ def test_tiny_model_learns(tmp_path):
     from pixsigma.train.loop import train
 
     cache = synthetic_cache(tmp_path / "cache")
-    cfg = tiny_config(tmp_path, cache, schedule={"max_steps": 300, "log_every": 50, "seed": 1})
+    cfg = tiny_config(tmp_path, cache, schedule={"max_steps": 200, "log_every": 50, "seed": 1})
     torch.manual_seed(1)
     before = eval_loss(PixArtSigmaTransformer(TINY.with_(sample_size=8)), cache)
     out = train(cfg)
     after = eval_loss(load_transformer(out), cache)
+    print("eval loss before/after", before, after)
     assert after < 0.4 * before, (before, after)
     logged = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
     assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(logged[0])
