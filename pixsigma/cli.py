@@ -326,6 +326,36 @@ TRAIN_COMMANDS = (add_train, add_extract, add_adapt)
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_eval_adherence(args) -> int:
+    from pixsigma.eval.adherence import run_adherence
+
+    run_adherence(args)
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model")
+    kinds = p.add_subparsers(dest="evaluation", required=True)
+    q = kinds.add_parser("adherence", help="GenEval-style prompt adherence on the toy world (color, shape, position, count)")
+    q.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    q.add_argument("--transformer", default=None, help="a transformer checkpoint replacing the folder's")
+    q.add_argument("--prompts", default="heldout", help="heldout (default, 240 prompts), quick (24), or a file, one prompt per line")
+    q.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--cfg", type=float, default=4.5)
+    q.add_argument("--sampler", default="dpm-solver")
+    q.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--json", default=None, help="save the report here")
+    q.add_argument("--save-images", default=None, help="folder to keep the generated images in")
+    q.set_defaults(func=cmd_eval_adherence)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -334,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixsigma", description="PixArt-Σ text-to-image: generate, convert, train, evaluate")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_train_vae, add_generate, add_info):
+    for add in (add_convert, add_train_vae, add_generate, add_info, add_eval):
         add(sub)
     for add in TRAIN_COMMANDS:
         add(sub)

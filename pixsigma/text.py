@@ -262,13 +262,19 @@ class TextEncoder:
         todo = [i for i, r in enumerate(results) if r is None]
         if todo:
             batch = [texts[i] for i in todo]
-            tokens = self.tokenizer(batch, padding="max_length", max_length=max_length, truncation=True,
+            # Encode at the batch's longest length (padding is masked, so the valid tokens come out
+            # the same) and zero-fill to max_length: short prompts cost tens of tokens, not 300.
+            tokens = self.tokenizer(batch, padding="longest", max_length=max_length, truncation=True,
                                     add_special_tokens=True, return_tensors="pt")
             self._warn_truncation(batch, max_length)
             ids = tokens.input_ids.to(self.device)
             mask = tokens.attention_mask.to(self.device)
             out = self.model(input_ids=ids, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            fill = max_length - hidden.shape[1]
+            if fill > 0:
+                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, fill))
+                mask = torch.nn.functional.pad(mask, (0, fill))
             for j, i in enumerate(todo):
                 results[i] = (hidden[j].detach(), mask[j].long())
                 if self.cache_dir is not None:

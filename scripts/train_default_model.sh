@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Trains the shipped default model from nothing, weak-to-strong, on 2 CPU cores:
+#   synthetic data → toy VAE → stage 1 at 32px → adapt resolution → stage 2 at 64px
+#   → adapt kv-compress (deep half, conv R=2) → stage 3 → ship into pixsigma/assets/default_model
+#   → held-out adherence evaluation.
+# Every step skips what is already done and every training stage resumes (--resume), so a
+# killed run is continued by running this script again. Logs go to runs/toy/*.log.
+#   bash scripts/train_default_model.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=runs/toy
+mkdir -p "$RUN"
+TE=$(python -c "from pixsigma.text import minilm_path; print(minilm_path())")
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+[ -f "$RUN/data/data_info.json" ] || python -c "
+import logging; logging.basicConfig(level=logging.INFO)
+from pixsigma.toy.render import write_dataset
+write_dataset('$RUN/data', 10000, seed=1, size=64)"
+
+[ -f "$RUN/vae/config.json" ] || pixsigma train-vae "$RUN/vae" --steps 1500 --batch-size 16 2>&1 | tee "$RUN/vae.log"
+
+pixsigma extract --config configs/toy/stage1_32px.toml --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract32.log"
+pixsigma train configs/toy/stage1_32px.toml --resume 2>&1 | tee -a "$RUN/stage1.log"
+
+[ -f "$RUN/stage2_init.safetensors" ] || pixsigma adapt resolution "$RUN/stage1/model.safetensors" "$RUN/stage2_init.safetensors" --resolution 64 --vae-factor 4
+pixsigma extract --config configs/toy/stage2_64px.toml --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract64.log"
+pixsigma train configs/toy/stage2_64px.toml --resume 2>&1 | tee -a "$RUN/stage2.log"
+
+[ -f "$RUN/stage3_init.safetensors" ] || pixsigma adapt kv-compress "$RUN/stage2/model.safetensors" "$RUN/stage3_init.safetensors" --layers deep --operator conv --ratio 2
+pixsigma train configs/toy/stage3_kv.toml --resume 2>&1 | tee -a "$RUN/stage3.log"
+
+python -m pixsigma.toy.ship --vae "$RUN/vae" --transformer "$RUN/stage3/model.safetensors" --logs "$RUN"
+pixsigma eval adherence --steps 20 --seeds 4 --json "$RUN/adherence_20.json" 2>&1 | tee "$RUN/adherence_20.log"
