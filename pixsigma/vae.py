@@ -3,10 +3,12 @@
 Latents handled by the rest of the project are *scaled*: z = (posterior − shift) × scaling_factor
 (SDXL's VAE: 0.13025, SD's: 0.18215; `shift_factor` only where the config has one).
 
-Large images are decoded tile by tile over the latent: overlapping tiles (default 512 output
-pixels with 128 of overlap, converted to latent pixels through the VAE's downsampling factor
-2**(levels − 1)) are decoded separately and blended with linear ramps across each overlap, so
-memory stays bounded by one tile and no seam shows. Tiling switches on by itself when a side of
+Large images are decoded tile by tile over the latent: overlapping tiles (by default the largest
+of 1024/768/512/256 output pixels whose estimated activations fit the memory budget, with 128
+pixels of overlap, converted to latent pixels through the VAE's downsampling factor
+2**(levels − 1): 128 latent px with 16 of overlap for SDXL's VAE) are decoded separately and
+blended with linear ramps across each overlap, so memory stays bounded by one tile and no seam
+shows. Tiling switches on by itself when a side of
 the output reaches 2048 px or the estimated decoder activations exceed `memory_budget`.
 """
 
@@ -23,17 +25,18 @@ from pixsigma.errors import PixsigmaError
 log = logging.getLogger(__name__)
 
 TILE_AUTO_SIDE = 2048  # output pixels: decode tiled from this side length on
+TILE_SIDES = (1024, 768, 512, 256)  # candidate tile sides in output pixels, largest first
 
 
 class VAE:
     """Wraps an `AutoencoderKL`: `decode(latents) -> images in [0, 1]`, `encode(images) -> latents`.
 
-    tile_size / tile_overlap: in output pixels (converted to latent pixels by the factor), or
-    give tile_latent / overlap_latent directly. memory_budget: bytes of decoder activations above
+    tile_size / tile_overlap: in output pixels (converted to latent pixels by the factor; tile_size
+    None picks it from the memory budget), or give tile_latent / overlap_latent directly. memory_budget: bytes of decoder activations above
     which decoding is tiled.
     """
 
-    def __init__(self, vae, device="cpu", dtype=torch.float32, tile_size: int = 512, tile_overlap: int = 128,
+    def __init__(self, vae, device="cpu", dtype=torch.float32, tile_size: int | None = None, tile_overlap: int = 128,
                  tile_latent: int | None = None, overlap_latent: int | None = None, memory_budget: float = 3 * 2**30):
         from diffusers import AutoencoderKL
 
@@ -52,11 +55,14 @@ class VAE:
         self.scaling_factor = float(cfg.scaling_factor)
         shift = getattr(cfg, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
-        self.tile_latent = int(tile_latent or max(4, tile_size // self.factor))
+        self.memory_budget = memory_budget
+        if tile_latent is None:
+            tile_size = tile_size or self.auto_tile_size()
+            tile_latent = max(4, tile_size // self.factor)
+        self.tile_latent = int(tile_latent)
         self.overlap_latent = int(overlap_latent if overlap_latent is not None else tile_overlap // self.factor)
         if not 0 <= self.overlap_latent < self.tile_latent:
             raise PixsigmaError(f"tile overlap {self.overlap_latent} must be in 0..{self.tile_latent - 1} latent pixels")
-        self.memory_budget = memory_budget
 
     # -- helpers ---------------------------------------------------------------------------------
     def activation_bytes(self, height: int, width: int, batch: int = 1) -> int:
@@ -64,6 +70,14 @@ class VAE:
         channels = self.model.config.block_out_channels[0]
         itemsize = torch.finfo(self.dtype).bits // 8
         return 4 * batch * channels * height * width * itemsize
+
+    def auto_tile_size(self) -> int:
+        """The largest tile side (output pixels) among 1024/768/512/256 whose decoder activations
+        fit the memory budget: bigger tiles waste less work on overlaps."""
+        for side in TILE_SIDES:
+            if self.activation_bytes(side, side) <= self.memory_budget:
+                return side
+        return TILE_SIDES[-1]
 
     def should_tile(self, latent_h: int, latent_w: int) -> bool:
         h, w = latent_h * self.factor, latent_w * self.factor
@@ -90,8 +104,8 @@ class VAE:
         for i in range(z.shape[0]):  # one image at a time: peak memory of one image
             zi = z[i : i + 1]
             img = self.decode_tiled(zi) if tiled else self._decode_raw(zi).float()
-            outs.append((img / 2 + 0.5).clamp_(0, 1))
-        return torch.cat(outs)
+            outs.append(img.mul_(0.5).add_(0.5).clamp_(0, 1))  # in place: one image buffer
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def tile_starts(self, length: int) -> list[int]:
         """Tile start offsets along one latent axis: stride tile − overlap, the last tile flush

@@ -135,15 +135,19 @@ def test_vae_shift_factor_honored():
 
 
 def test_vae_tile_sizes_follow_factor():
-    assert VAE(build_vae(2, 32, 32)).tile_latent == 256  # 512 px tiles at factor 2
+    assert VAE(build_vae(2, 32, 32)).tile_latent == 512  # 1024 px tiles at factor 2
+    assert VAE(build_vae(2, 32, 32), tile_size=512).tile_latent == 256
     v8 = VAE(build_vae(4, 8, 4, layers_per_block=0, mid_attention=False))
-    assert v8.factor == 8 and v8.tile_latent == 64 and v8.overlap_latent == 16
+    assert v8.factor == 8 and v8.tile_latent == 128 and v8.overlap_latent == 16
     assert v8.should_tile(256, 256)  # 2048 px output
     assert not v8.should_tile(64, 64)
-    assert v8.tile_starts(64) == [0]
-    starts = v8.tile_starts(200)
-    assert starts[0] == 0 and starts[-1] == 200 - 64
-    assert all(b - a <= 64 - 16 for a, b in zip(starts, starts[1:]))
+    assert v8.tile_starts(128) == [0]
+    starts = v8.tile_starts(400)
+    assert starts[0] == 0 and starts[-1] == 400 - 128
+    assert all(b - a <= 128 - 16 for a, b in zip(starts, starts[1:]))
+    # a tight memory budget shrinks the tiles (a 128-channel decoder: ~2 GiB at 1024², 0.5 at 512²)
+    wide = VAE(build_vae(4, 128, 32, layers_per_block=0, mid_attention=False), memory_budget=2**30)
+    assert wide.tile_latent == 64 and wide.should_tile(128, 128)  # 512 px: 768² would need 1.1 GiB
 
 
 @pytest.mark.parametrize("levels,channels,groups,size", [(2, 32, 32, 56), (4, 8, 4, 40)])
