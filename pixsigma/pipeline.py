@@ -88,7 +88,23 @@ class SigmaPipeline:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder=None, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
+    def from_pretrained(cls, folder=None, transformer=None, **kwargs):
+        """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model
+        (see `_from_folder` for the options)."""
+        if folder is not None:
+            return cls._from_folder(folder, transformer, **kwargs)
+        try:
+            pipe = cls._from_folder(DEFAULT_MODEL_DIR, transformer, **kwargs)
+        except PixsigmaError as e:
+            raise PixsigmaError(
+                f"{e} -- the shipped default model is missing or damaged; restore it with "
+                "`git checkout -- pixsigma/assets/default_model` (or reinstall pixsigma), or rebuild it with "
+                "`bash scripts/train_default_model.sh`") from None
+        pipe.name = "default"
+        return pipe
+
+    @classmethod
+    def _from_folder(cls, folder=None, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
                         vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
                         max_sequence_length: int | None = None, transformer_overrides: dict | None = None):
         """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model.
