@@ -41,10 +41,12 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(name: str) -> dict:
+def run_case(name: str, threads: int | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from pixsigma.model.transformer import KVCompressConfig
     from pixsigma.pipeline import SigmaPipeline
     from pixsigma.vae import VAE
@@ -103,14 +105,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=CASES, help="run one case in this process and print its JSON")
     ap.add_argument("--cases", nargs="*", default=CASES, help="cases to run (each in a subprocess)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case)))
+        print(json.dumps(run_case(args.case, args.threads)))
         return 0
     results = []
     for case in args.cases:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True,
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        proc = subprocess.run([sys.executable, __file__, "--case", case, *extra], capture_output=True, text=True,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if proc.returncode != 0:
             print(f"{case}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -120,7 +124,7 @@ def main() -> int:
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         results.append(r)
         print(f"{case}: done in {r['wall_s']} s", file=sys.stderr)
-    cols = ["case", "size", "text_s", "denoise_s", "decode_s", "total_s", "peak_rss_mb", "rss_before_mb"]
+    cols = ["case", "size", "threads", "text_s", "denoise_s", "decode_s", "total_s", "peak_rss_mb", "rss_before_mb"]
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in results:
         print(" | ".join(f"{str(r.get(c, '')):>14}" for c in cols))
