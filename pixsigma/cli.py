@@ -51,7 +51,7 @@ def cmd_train_vae(args) -> int:
     from pixsigma.train.vae import VAETrainConfig, train_vae
 
     config = VAETrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    train_vae(args.out, config)
+    train_vae(args.out, config, init_from=args.init_from)
     return 0
 
 
@@ -63,6 +63,7 @@ def add_train_vae(sub) -> None:
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None, help="continue training this AutoencoderKL folder")
     p.set_defaults(func=cmd_train_vae)
 
 

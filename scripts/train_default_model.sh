@@ -18,7 +18,9 @@ import logging; logging.basicConfig(level=logging.INFO)
 from pixsigma.toy.render import write_dataset
 write_dataset('$RUN/data', 10000, seed=1, size=64)"
 
-[ -f "$RUN/vae/config.json" ] || pixsigma train-vae "$RUN/vae" --steps 1500 --batch-size 16 2>&1 | tee "$RUN/vae.log"
+# the VAE: 1500 steps at lr 1e-3, then 1000 more at 5e-4 (cosine decay within each run)
+[ -f "$RUN/vae_a/config.json" ] || pixsigma train-vae "$RUN/vae_a" --steps 1500 --batch-size 16 2>&1 | tee "$RUN/vae_a.log"
+[ -f "$RUN/vae/config.json" ] || pixsigma train-vae "$RUN/vae" --init-from "$RUN/vae_a" --steps 1000 --batch-size 16 --lr 5e-4 2>&1 | tee "$RUN/vae_b.log"
 
 pixsigma extract --config configs/toy/stage1_32px.toml --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract32.log"
 pixsigma train configs/toy/stage1_32px.toml --resume 2>&1 | tee -a "$RUN/stage1.log"

@@ -87,14 +87,21 @@ def latent_std(vae, batches, n_batches: int = 4) -> float:
     return torch.cat(latents).std().item()
 
 
-def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig()) -> Path:
+def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None) -> Path:
+    """Train (or, with `init_from` = a VAE folder, continue training) and save to `out_dir`."""
     if config.size % (2 ** (len(config.block_out_channels) - 1)):
         raise PixsigmaError(f"image size {config.size} is not divisible by the VAE's downsampling factor")
     out = Path(out_dir)
     torch.manual_seed(config.seed)
-    vae = build_vae(config).train()
+    if init_from is not None:
+        from pixsigma.vae import load_autoencoder
+
+        vae = load_autoencoder(init_from).train()
+    else:
+        vae = build_vae(config).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    batches = toy_batches(config)
+    # a continued run sees new images (start offset from the seed's stream)
+    batches = toy_batches(config, start=0 if init_from is None else 5 * 10**6)
     history = []
     start = time.time()
     bar = tqdm(range(1, config.steps + 1), desc="train-vae")
