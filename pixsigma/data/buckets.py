@@ -18,40 +18,15 @@ slice [rank·b, (rank+1)·b) of every global batch, so all ranks see the same bi
 
 from __future__ import annotations
 
-import json
 import math
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.resolution import aspect_ratio_bins, nearest_bin
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "aspect_ratios.json"
-
-
-@lru_cache(maxsize=1)
-def _tables() -> dict:
-    data = json.loads(ASSET.read_text())
-    return {int(k): {r: (int(hw[0]), int(hw[1])) for r, hw in v.items()} for k, v in data["bins"].items()}
-
-
-def aspect_bins(resolution: int, multiple: int = 16) -> dict[str, tuple[int, int]]:
-    """ratio (h/w as a string) → (height, width) in pixels for a base resolution (see module doc)."""
-    if resolution <= 0:
-        raise PixsigmaError(f"resolution must be positive, got {resolution}")
-    tables = _tables()
-    if resolution in tables:
-        return dict(tables[resolution])
-    base = min(tables, key=lambda s: abs(math.log(s / resolution)))
-    scale = resolution / base
-    return {r: (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
-            for r, (h, w) in tables[base].items()}
-
-
-def nearest_bin(height: int, width: int, bins: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    ar = height / width
-    return bins[min(bins, key=lambda r: abs(float(r) - ar))]
+# The bins themselves are the generation side's (one rule for training and sampling).
+aspect_bins = aspect_ratio_bins
 
 
 def assign_bins(sizes, resolution: int, multiple: int) -> list[tuple[int, int]]:
