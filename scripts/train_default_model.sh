@@ -26,7 +26,7 @@ pixsigma extract --config configs/toy/stage1_32px.toml --text-encoder "$TE" --pa
 pixsigma train configs/toy/stage1_32px.toml --resume 2>&1 | tee -a "$RUN/stage1.log"
 
 [ -f "$RUN/stage2_init.safetensors" ] || pixsigma adapt resolution "$RUN/stage1/model.safetensors" "$RUN/stage2_init.safetensors" --resolution 64 --vae-factor 4
-pixsigma extract --config configs/toy/stage2_64px.toml --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract64.log"
+pixsigma extract --config configs/toy/stage1_32px.toml --cache "$RUN/cache-64" --resolution 64 --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract64.log"
 pixsigma train configs/toy/stage2_64px.toml --resume 2>&1 | tee -a "$RUN/stage2.log"
 
 [ -f "$RUN/stage3_init.safetensors" ] || pixsigma adapt kv-compress "$RUN/stage2/model.safetensors" "$RUN/stage3_init.safetensors" --layers deep --operator conv --ratio 2
