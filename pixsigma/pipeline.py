@@ -50,6 +50,24 @@ class SigmaOutput:
     timings: dict = field(default_factory=dict)
 
 
+def guided_model_fn(transformer, context, guidance_scale: float | None, channels: int):
+    """The denoiser a sampler calls: one transformer forward per step. With guidance, the
+    context holds [unconditional; conditional] captions and the latents are doubled, so both
+    passes run as one batch; epsilon is guided, the learned variance taken from the conditional
+    pass."""
+    def model_fn(x, t):
+        x_in = torch.cat([x, x]) if guidance_scale is not None else x
+        t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x_in.shape[0])
+        out = transformer(x_in, t_in, context).float()
+        if guidance_scale is None:
+            return out
+        uncond, cond = out.chunk(2)
+        eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return model_fn
+
+
 def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
@@ -286,18 +304,7 @@ class SigmaPipeline:
         timings["text"] = time.perf_counter() - t0
 
         # 2. denoise
-        transformer = self.transformer
-
-        def model_fn(x, t):
-            x_in = torch.cat([x, x]) if cfg else x
-            t_in = torch.as_tensor(t, device=self.device).reshape(-1).expand(x_in.shape[0])
-            out = transformer(x_in, t_in, context).float()
-            if not cfg:
-                return out
-            uncond, cond = out.chunk(2)
-            eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-            return torch.cat([eps, cond[:, c:]], dim=1)  # learned variance from the conditional pass
-
+        model_fn = guided_model_fn(self.transformer, context, guidance_scale if cfg else None, c)
         t0 = time.perf_counter()
         x = sample(model_fn, noise, sampler=sampler, steps=steps, generator=generator if not isinstance(generator, (list, tuple)) else generator[0],
                    callback=callback, scheduler_config=self.scheduler_config, progress=progress)
