@@ -37,6 +37,7 @@ def block(config, operator=None):
     return b
 
 
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="include 4K (65,536 tokens; minutes per run)")
@@ -57,14 +58,11 @@ def main() -> None:
     for name, side in grids.items():
         x = torch.randn(1, side * side, d, dtype=dtype)
         t6 = torch.randn(1, 6 * d, dtype=dtype)
-        kv = blocks[None].cross_attn.caption_kv(y)
         fns = {}
         for op, b in blocks.items():
             caption_kv = b.cross_attn.caption_kv(y)
             fns[op or "none"] = (lambda b=b, ckv=caption_kv: b(x, t6, ckv, None, (side, side)))
-        del kv
-        with torch.no_grad():
-            times = interleaved_medians(fns, repeats=args.repeats)
+        times = interleaved_medians(fns, repeats=args.repeats)
         base_flops = block_flops(config, side, side, L, 1, include_caption_kv=False)
         per_block[name] = times
         for op in operators:
