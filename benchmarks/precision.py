@@ -1,4 +1,5 @@
-"""XL_2 forward at 512px in fp32 vs bf16 (weights and activations), attention in bf16 or fp32.
+"""XL_2 forward at 512px in fp32 vs bf16 (weights and activations), attention in bf16 or fp32,
+the residual stream in fp32 (the default with half-precision weights) or in bf16.
 
 Reports the time ratio against fp32 and the output error: relative L2 of the bf16 output
 against the fp32 one, same weights (random, std 0.02), batch 2 (a CFG pair), 300 caption tokens.
@@ -36,10 +37,13 @@ def main() -> None:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     bf16_attn32 = copy.deepcopy(bf16)
     bf16_attn32.attention_fp32 = True
+    bf16_plain = copy.deepcopy(bf16)
+    bf16_plain.residual_fp32 = False  # everything in bf16, the residual stream too
     x = torch.randn(2, 4, args.latent, args.latent)
     t = torch.tensor([500.0, 500.0])
     y = torch.randn(2, 300, 4096)
-    models = {"fp32": fp32, "bf16": bf16, "bf16 + fp32 attention": bf16_attn32}
+    models = {"fp32": fp32, "bf16 (fp32 residual, default)": bf16, "bf16 + fp32 attention": bf16_attn32,
+              "bf16, bf16 residual": bf16_plain}
     contexts = {k: m.prepare_caption(y.to(m.x_embedder.proj.weight.dtype)) for k, m in models.items()}
     fns = {k: (lambda m=m, c=contexts[k]: m(x, t, c)) for k, m in models.items()}
     with torch.no_grad():

@@ -257,3 +257,17 @@ def test_cached_caption_context_equals_uncached():
         for step in (999.0, 500.0, 1.0):
             ts = torch.full((2,), step)
             assert torch.equal(model(x, ts, context), model(x, ts, y, mask))
+
+
+def test_fp32_residual_stream_reduces_bf16_error():
+    config = TINY.with_(depth=8, hidden_size=128, num_heads=4)
+    model = randomized(config)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        low = randomized(config).to(torch.bfloat16)
+        errors = {}
+        for flag in (True, False):
+            low.residual_fp32 = flag
+            errors[flag] = ((low(x, t, y).float() - ref).norm() / ref.norm()).item()
+    assert errors[True] < 0.7 * errors[False], errors

@@ -377,9 +377,13 @@ class PixArtBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t6.reshape(b, 6, -1)
         ).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw, attention_fp32)
-        x = x + self.cross_attn(x, caption_kv, caption_mask, attention_fp32)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # x may be a float32 residual stream around half-precision weights (see
+        # PixArtSigmaTransformer.residual_fp32): each sub-layer gets its input in the weights'
+        # dtype and its output is added back in x's dtype. In fp32 the casts are no-ops.
+        w = self.scale_shift_table.dtype
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa).to(w), hw, attention_fp32)
+        x = x + self.cross_attn(x.to(w), caption_kv, caption_mask, attention_fp32)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp).to(w))
         return x
 
 
@@ -392,7 +396,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, t):
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale).to(self.linear.weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +418,9 @@ class PixArtSigmaTransformer(nn.Module):
         d, p = config.hidden_size, config.patch_size
         self.attention_fp32 = False  # run attention in fp32 when the weights are half precision
         self.gradient_checkpointing = False
+        # With half-precision weights, carry the residual stream (the sum every block adds to)
+        # in float32: rounding it to bf16 28 times is most of bf16's error, and it costs little.
+        self.residual_fp32 = True
         self.history: list[dict] = []  # stage transitions applied to this model (saved in metadata)
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
@@ -534,6 +541,8 @@ class PixArtSigmaTransformer(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
         tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)
         tokens = tokens + self.pos_embed(h, w, x.device, dtype)
+        if self.residual_fp32:
+            tokens = tokens.float()
         if self.config.micro_conditions and hw_pixels is None:
             hw_pixels = [height * 8, width * 8]  # the VAE's factor 8, as in the α pipelines
             aspect_ratio = [height / width]
@@ -551,4 +560,4 @@ class PixArtSigmaTransformer(nn.Module):
             else:
                 tokens = block(*args)
         out = self.final_layer(tokens, t)
-        return self.unpatchify(out, h, w)
+        return self.unpatchify(out.to(dtype), h, w)
