@@ -270,4 +270,4 @@ def test_fp32_residual_stream_reduces_bf16_error():
         for flag in (True, False):
             low.residual_fp32 = flag
             errors[flag] = ((low(x, t, y).float() - ref).norm() / ref.norm()).item()
-    assert errors[True] < 0.7 * errors[False], errors
+    assert errors[True] < 0.8 * errors[False], errors
