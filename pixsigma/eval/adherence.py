@@ -70,10 +70,12 @@ def run_adherence(args) -> dict:
     """The CLI command: load the pipeline, evaluate, print the table, save JSON."""
     from pixsigma.pipeline import SigmaPipeline
 
-    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype)
     seeds = list(range(args.seeds))
     report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,
                             Path(args.save_images) if args.save_images else None)
+    report["settings"]["dtype"] = args.dtype
     print(format_table(report))
     if args.json:
         save_json(report, args.json)
