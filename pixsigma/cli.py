@@ -351,7 +351,7 @@ def add_eval(sub) -> None:
     q.add_argument("--sampler", default="dpm-solver")
     q.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="transformer weights (bf16: ~2.5x faster on CPU)")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="transformer weights (bf16: ~2.5x faster on CPU; text encoder and VAE stay fp32)")
     q.add_argument("--json", default=None, help="save the report here")
     q.add_argument("--save-images", default=None, help="folder to keep the generated images in")
     q.set_defaults(func=cmd_eval_adherence)

@@ -71,7 +71,8 @@ def run_adherence(args) -> dict:
     from pixsigma.pipeline import SigmaPipeline
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype)
+    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype, text_dtype=torch.float32,
+                                         vae_dtype=torch.float32)
     seeds = list(range(args.seeds))
     report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,
                             Path(args.save_images) if args.save_images else None)
