@@ -33,4 +33,9 @@ pixsigma train configs/toy/stage2_64px.toml --resume 2>&1 | tee -a "$RUN/stage2.
 pixsigma train configs/toy/stage3_kv.toml --resume 2>&1 | tee -a "$RUN/stage3.log"
 
 python -m pixsigma.toy.ship --vae "$RUN/vae" --transformer "$RUN/stage3/model.safetensors" --logs "$RUN"
-pixsigma eval adherence --steps 20 --seeds 4 --json "$RUN/adherence_20.json" 2>&1 | tee "$RUN/adherence_20.log"
+# held-out adherence (240 prompts × 4 seeds; transformer in bf16 for speed): the shipped model at
+# 20 and 10 steps, and the model before the KV-compression stage at 20 steps
+pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --json "$RUN/adherence_20.json" 2>&1 | tee "$RUN/adherence_20.log"
+pixsigma eval adherence --steps 10 --seeds 4 --dtype bf16 --json "$RUN/adherence_10.json" 2>&1 | tee "$RUN/adherence_10.log"
+pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$RUN/stage2/model.safetensors" \
+    --json "$RUN/adherence_pre_kv.json" 2>&1 | tee "$RUN/adherence_pre_kv.log"
