@@ -87,7 +87,7 @@ def _load_transformer_from(path: Path, dtype, overrides: dict | None = None):
 
 class SigmaPipeline:
     def __init__(self, transformer, text_encoder: TextEncoder, vae: VAE, scheduler_config: dict | None = None,
-                 device="cpu", name: str = "pixsigma"):
+                 device="cpu", name: str = "pixsigma", null_caption_uncond: bool = False):
         if transformer.config.caption_channels != text_encoder.hidden_size:
             raise PixsigmaError(
                 f"the transformer expects {transformer.config.caption_channels} caption channels but the text encoder "
@@ -102,6 +102,10 @@ class SigmaPipeline:
         self.scheduler_config = scheduler_config
         self.device = torch.device(device)
         self.name = name
+        # Unconditional branch for an empty negative prompt: the text embedding of "" (diffusers,
+        # the default) or the model's null caption (the official sampler; set by a folder's
+        # model_index.json "pixsigma_unconditional": "null_caption").
+        self.null_caption_uncond = null_caption_uncond
         self._hash = None
 
     # -- loading ---------------------------------------------------------------------------------
@@ -193,7 +197,14 @@ class SigmaPipeline:
                 scheduler_config = json.loads(sched_file.read_text())
             except json.JSONDecodeError as e:
                 raise PixsigmaError(f"{sched_file}: not valid JSON ({e})") from None
-        return cls(model, text, vae, scheduler_config, device=device, name=name)
+        null_uncond = False
+        index_file = folder / "model_index.json"
+        if index_file.is_file():
+            try:
+                null_uncond = json.loads(index_file.read_text()).get("pixsigma_unconditional") == "null_caption"
+            except json.JSONDecodeError as e:
+                raise PixsigmaError(f"{index_file}: not valid JSON ({e})") from None
+        return cls(model, text, vae, scheduler_config, device=device, name=name, null_caption_uncond=null_uncond)
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -295,6 +306,13 @@ class SigmaPipeline:
         cfg = guidance_scale > 1.0
         if cfg:
             neg_emb, neg_mask = self.text_encoder.encode(negatives, max_len)
+            if self.null_caption_uncond:
+                # The official sampler's unconditional branch: the null caption the model was
+                # trained to read as "no caption" (with the prompt's mask), for empty negatives.
+                null = self.transformer.y_embedder.y_embedding[:max_len].to(neg_emb.device, neg_emb.dtype)
+                empty = torch.tensor([n == "" for n in negatives], device=neg_emb.device)
+                neg_emb = torch.where(empty[:, None, None], null[None], neg_emb)
+                neg_mask = torch.where(empty[:, None], mask, neg_mask)
             emb, mask = torch.cat([neg_emb, emb]), torch.cat([neg_mask, mask])
         if num_images_per_prompt > 1:
             emb = emb.repeat_interleave(num_images_per_prompt, dim=0)

@@ -342,3 +342,19 @@ def test_cli_prompts_file_numbering_and_overwrite(folder, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["info", str(tmp_path / "batch-000.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 9
+
+
+def test_null_caption_unconditional_branch(folder):
+    """The official sampler's unconditional branch: the null caption with the prompt's mask."""
+    pipe = SigmaPipeline.from_pretrained(folder)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    base = pipe("a red cat", num_inference_steps=3, latents=latents, output_type="latent", use_resolution_binning=False,
+                height=64, width=64).images
+    pipe.null_caption_uncond = True
+    null = pipe("a red cat", num_inference_steps=3, latents=latents, output_type="latent", use_resolution_binning=False,
+                height=64, width=64).images
+    assert not torch.allclose(base, null)
+    # a non-empty negative prompt is used as is, whatever the setting
+    neg = [pipe("a red cat", negative_prompt="blue", num_inference_steps=3, latents=latents, output_type="latent",
+                use_resolution_binning=False, height=64, width=64).images for pipe.null_caption_uncond in (False, True)]
+    assert torch.equal(neg[0], neg[1])
