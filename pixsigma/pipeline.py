@@ -126,10 +126,10 @@ class SigmaPipeline:
         return pipe
 
     @classmethod
-    def _from_folder(cls, folder=None, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
-                        vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
-                        max_sequence_length: int | None = None, transformer_overrides: dict | None = None):
-        """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model.
+    def _from_folder(cls, folder, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
+                     vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
+                     max_sequence_length: int | None = None, transformer_overrides: dict | None = None):
+        """Load a pipeline folder (diffusers layout).
 
         transformer: a path (official .pth, pixsigma .safetensors, diffusers transformer folder) or
         a PixArtSigmaTransformer replacing the folder's. dtype: the transformer's (fp32/bf16/fp16);
@@ -140,12 +140,8 @@ class SigmaPipeline:
         from pixsigma.model.transformer import PixArtSigmaTransformer
 
         dtype = as_dtype(dtype)
-        default = folder is None
-        folder = Path(DEFAULT_MODEL_DIR if default else folder)
+        folder = Path(folder)
         if not folder.is_dir():
-            if default:
-                raise PixsigmaError(f"the shipped default model is missing: {folder} does not exist; expected a pipeline folder "
-                                    f"with {LAYOUT} (or pass a model folder)")
             raise PixsigmaError(f"{folder}: model folder does not exist; expected a pipeline folder with {LAYOUT}")
         missing = [n for n in ("vae",) if not (folder / n).is_dir()]
         if transformer is None and not (folder / "transformer").is_dir():
@@ -164,8 +160,6 @@ class SigmaPipeline:
             src = Path(transformer) if transformer is not None else folder / "transformer"
             model = _load_transformer_from(src, dtype, transformer_overrides).to(device)
             name = src.stem if transformer is not None else folder.name
-        if default:
-            name = "default"
 
         text_dtype = as_dtype(text_dtype) if text_dtype is not None else (torch.bfloat16 if dtype == torch.float16 else dtype)
         if has_text:
