@@ -7,7 +7,7 @@ compression on the deep half (conv, R=2). A case can run fewer steps (--steps-fp
 then extrapolated to 20 (the table says so). Reports minutes per image and peak RSS (each case
 runs in its own process).
 
-    python benchmarks/generate_1024.py [--threads 2] [--steps-fp32 20]
+    python benchmarks/generate_1024.py [--threads 2] [--steps-fp32 20] [--steps-bf16 20]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps-fp32", type=int, default=20, help="steps to run for the fp32 baseline (extrapolated to 20)")
+    parser.add_argument("--steps-bf16", type=int, default=20, help="steps to run for plain bf16 (extrapolated to 20); "
+                        "the fastest case always runs all 20")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
         return
     rows = []
     for name in CASES:
-        steps = args.steps_fp32 if name == "fp32" else 20
+        steps = {"fp32": args.steps_fp32, "bf16": args.steps_bf16}.get(name, 20)
         out = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(steps), "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -50,7 +50,8 @@ def add_convert(sub) -> None:
 def cmd_train_vae(args) -> int:
     from pixsigma.train.vae import VAETrainConfig, train_vae
 
-    config = VAETrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = VAETrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            decoder_only=args.decoder_only, object_weight=args.object_weight)
     train_vae(args.out, config, init_from=args.init_from)
     return 0
 
@@ -64,6 +65,10 @@ def add_train_vae(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None, help="continue training this AutoencoderKL folder")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init-from: train only the decoder (latents and scaling factor stay the same)")
+    p.add_argument("--object-weight", type=float, default=1.0,
+                   help="loss weight of pixels off the background color (default 1: plain loss)")
     p.set_defaults(func=cmd_train_vae)
 
 

@@ -41,6 +41,13 @@ class VAETrainConfig:
     kl_weight: float = 1e-6
     seed: int = 0
     save_every: int = 500
+    # Fine-tune only the decoder (with `init_from`): the encoder, hence the latent space and its
+    # scaling factor, stays bit-identical, so feature caches and a transformer trained on them
+    # stay valid while reconstructions improve.
+    decoder_only: bool = False
+    # Loss weight of pixels off the image's background color (objects cover a few percent of a
+    # toy image but carry everything the evaluator reads: thin cross arms, triangle tips).
+    object_weight: float = 1.0
 
 
 def build_vae(config: VAETrainConfig):
@@ -81,6 +88,16 @@ def _save(vae, out: Path, meta: dict) -> None:
         shutil.rmtree(old)
 
 
+def object_mask_weight(images: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) loss weights: `object_weight` where a pixel is off its image's background
+    color (the per-image median, as the toy backgrounds are plain), 1 elsewhere."""
+    if object_weight == 1.0:
+        return torch.ones_like(images[:, :1])
+    background = images.flatten(2).median(dim=2).values[:, :, None, None]
+    off = (images - background).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1.0 + (object_weight - 1.0) * off.float()
+
+
 @torch.no_grad()
 def latent_std(vae, batches, n_batches: int = 4) -> float:
     latents = [vae.encode(next(batches)).latent_dist.mean for _ in range(n_batches)]
@@ -89,6 +106,10 @@ def latent_std(vae, batches, n_batches: int = 4) -> float:
 
 def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None) -> Path:
     """Train (or, with `init_from` = a VAE folder, continue training) and save to `out_dir`."""
+    if config.decoder_only and init_from is None:
+        raise PixsigmaError("decoder-only training fine-tunes an existing VAE; pass --init-from VAE_FOLDER")
+    if config.object_weight < 1.0:
+        raise PixsigmaError(f"object_weight must be >= 1 (1 = plain loss), got {config.object_weight}")
     if config.size % (2 ** (len(config.block_out_channels) - 1)):
         raise PixsigmaError(f"image size {config.size} is not divisible by the VAE's downsampling factor")
     out = Path(out_dir)
@@ -99,7 +120,12 @@ def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None
         vae = load_autoencoder(init_from).train()
     else:
         vae = build_vae(config).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    if config.decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False).eval()
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     # a continued run sees new images (start offset from the seed's stream)
     batches = toy_batches(config, start=0 if init_from is None else 5 * 10**6)
     history = []
@@ -107,14 +133,16 @@ def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None
     bar = tqdm(range(1, config.steps + 1), desc="train-vae")
     for step in bar:
         images = next(batches)
-        posterior = vae.encode(images).latent_dist
+        with torch.set_grad_enabled(not config.decoder_only):
+            posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        weight = object_mask_weight(images, config.object_weight)
+        rec = (weight * ((recon - images).abs() + (recon - images).pow(2))).mean() / weight.mean()
         kl = posterior.kl().mean() / images[0].numel()
-        loss = rec + config.kl_weight * kl * images[0].numel()
+        loss = rec if config.decoder_only else rec + config.kl_weight * kl * images[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         # cosine decay to 10% keeps late steps from undoing fine detail
         for group in opt.param_groups:
             group["lr"] = config.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / config.steps)))
@@ -125,9 +153,14 @@ def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None
             log.debug("step %d rec %.4f kl %.3f", step, rec.item(), kl.item())
         if step % config.save_every == 0 or step == config.steps:
             vae.eval()
-            std = latent_std(vae, toy_batches(config, start=10**7))
-            vae.register_to_config(scaling_factor=1.0 / std)
+            if config.decoder_only:  # same encoder, same latents: keep the factor the caches were built with
+                std = 1.0 / vae.config.scaling_factor
+            else:
+                std = latent_std(vae, toy_batches(config, start=10**7))
+                vae.register_to_config(scaling_factor=1.0 / std)
             _save(vae, out, {"config": asdict(config), "step": step, "latent_std": std, "history": history})
             vae.train()
+            if config.decoder_only:
+                vae.encoder.eval()
     log.info("VAE saved to %s (scaling factor %.4f)", out, vae.config.scaling_factor)
     return out
