@@ -17,10 +17,10 @@ SHIPPED = default_model_dir()
 pytestmark = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(), reason="no shipped default model in this checkout")
 
 # Regression floors for the quick prompt set (24 prompts × 2 seeds, 20 DPM-Solver++ steps, cfg 4.5,
-# fp32): the shipped model measured overall 10.4% and single-object color 62.5% (5 of 8); the
-# floors sit under that, above what random colors give (1 in 8), so a broken sampler, loader or
-# text path shows up as a drop.
-QUICK_FLOORS = {"overall": 0.05, "single_color": 0.375}
+# fp32): the shipped model measured overall 20.8% (10 of 48) and single-object color 62.5% (5 of
+# 8); the floors sit under that, above what random colors give (1 in 8), so a broken sampler,
+# loader or text path shows up as a drop.
+QUICK_FLOORS = {"overall": 0.125, "single_color": 0.375}
 
 
 def test_shipped_model_generates_from_cli_in_fresh_process(tmp_path):
@@ -37,8 +37,12 @@ def test_shipped_model_generates_from_cli_in_fresh_process(tmp_path):
 def test_evaluator_reads_shipped_vae_round_trips():
     """The evaluator on the generator's renders after the shipped VAE's round trip.
 
-    Measured with the shipped VAE (2,500 CPU steps): 89.9% overall, every category ≥ 75%. The
-    aim is ≥ 99% everywhere, which needs a longer-trained VAE; these floors guard what it has."""
+    Measured with the shipped VAE (2,500 steps + 1,500 decoder-only steps with objects weighted
+    4×): 92.9% overall on these 120 images (93.5% and 92.6% on 600 each with seeds 5 and 11;
+    88.7% / 87.1% before the decoder fine-tune); every category ≥ 75%. What still fails is small
+    crosses decoded as diamonds, which the frozen encoder does not separate. The aim is ≥ 99%
+    everywhere, which needs the encoder retrained (and the transformer after it); these floors
+    guard what it has."""
     from pixsigma.toy.evaluate import clean_render_accuracy
     from pixsigma.vae import VAE
 
@@ -51,7 +55,7 @@ def test_evaluator_reads_shipped_vae_round_trips():
         return [Image.fromarray((y[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for i in range(len(images))]
 
     report = clean_render_accuracy(n=120, seed=5, size=64, batch_transform=round_trip)
-    assert report["overall"] >= 0.85, report
+    assert report["overall"] >= 0.90, report
     for category, entry in report["categories"].items():
         assert entry["accuracy"] >= 0.7, (category, entry)
     assert report["single_attributes"]["color"] >= 0.95 and report["single_attributes"]["position"] >= 0.95
