@@ -70,8 +70,8 @@ def run_adherence(args) -> dict:
     """The CLI command: load the pipeline, evaluate, print the table, save JSON."""
     from pixsigma.pipeline import SigmaPipeline
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype, text_dtype=torch.float32,
+    # dtype is a name ("fp32" / "bf16"); the pipeline resolves it with the project's one table
+    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=args.dtype, text_dtype=torch.float32,
                                          vae_dtype=torch.float32)
     seeds = list(range(args.seeds))
     report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,

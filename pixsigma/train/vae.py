@@ -123,7 +123,7 @@ def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None
     if config.decoder_only:
         for module in (vae.encoder, vae.quant_conv):
             if module is not None:
-                module.requires_grad_(False).eval()
+                module.requires_grad_(False)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     # a continued run sees new images (start offset from the seed's stream)
@@ -160,7 +160,5 @@ def train_vae(out_dir, config: VAETrainConfig = VAETrainConfig(), init_from=None
                 vae.register_to_config(scaling_factor=1.0 / std)
             _save(vae, out, {"config": asdict(config), "step": step, "latent_std": std, "history": history})
             vae.train()
-            if config.decoder_only:
-                vae.encoder.eval()
     log.info("VAE saved to %s (scaling factor %.4f)", out, vae.config.scaling_factor)
     return out
