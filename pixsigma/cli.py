@@ -169,6 +169,8 @@ def cmd_generate(args) -> int:
             raise PixsigmaError(f"{existing[0]}: already exists ({len(existing)} of the outputs); expected new file names or --overwrite")
 
     pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
+    if args.compile:
+        pipe.enable_compile()
     if ratio is not None:
         height, width = size_for_ratio(ratio, pipe.resolution)
     model_hash = pipe.weights_hash()
@@ -208,6 +210,9 @@ def add_generate(sub) -> None:
     p.add_argument("--prompts-file", default=None, help="text file: one image per non-empty line")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--compile", action="store_true",
+                   help="run the transformer under torch.compile: ~20%% faster per step on large images after a one-off "
+                        "compile (about a minute for XL_2; needs a C++ compiler)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_generate)
 

@@ -358,3 +358,31 @@ def test_null_caption_unconditional_branch(folder):
     neg = [pipe("a red cat", negative_prompt="blue", num_inference_steps=3, latents=latents, output_type="latent",
                 use_resolution_binning=False, height=64, width=64).images for pipe.null_caption_uncond in (False, True)]
     assert torch.equal(neg[0], neg[1])
+
+
+def test_compiled_transformer_matches_eager(folder):
+    """enable_compile (torch.compile, inductor with frozen weights) leaves the images unchanged
+    (fp32, float tolerance) on a model with KV compression, and runs the compiled module."""
+    model = build_transformer(kv_compress=KVCompressConfig(operator="conv", ratio=2, layers=(1,)))
+    eager = SigmaPipeline.from_pretrained(folder, transformer=model)
+    lat = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(latents=lat, num_inference_steps=3, output_type="latent", use_resolution_binning=False, height=64, width=64)
+    ref = eager("a red cat", **kwargs).images
+    compiled = SigmaPipeline.from_pretrained(folder, transformer=model).enable_compile()
+    calls = []
+    inner = compiled._compiled
+    compiled._compiled = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    out = compiled("a red cat", **kwargs).images
+    assert len(calls) == 3
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_compile_failure_is_one_clear_error(folder):
+    pipe = SigmaPipeline.from_pretrained(folder)
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
+
+    pipe._compiled = broken
+    with pytest.raises(PixsigmaError, match="torch.compile could not compile the transformer.*C\\+\\+ compiler"):
+        pipe("a cat", num_inference_steps=2, seed=0, output_type="latent")
