@@ -463,6 +463,10 @@ class PixArtSigmaTransformer(nn.Module):
     # -- pieces ----------------------------------------------------------------------------------
     def pos_embed(self, h: int, w: int, device, dtype) -> torch.Tensor:
         key = (h, w, self.config.base_size, self.config.pe_interpolation)
+        if torch.compiler.is_compiling():
+            # traced into the compiled graph as a constant; the cache would only add a guard on
+            # its contents and a recompile on the second call
+            return sincos_2d(self.config.hidden_size, h, w, self.config.base_size, self.config.pe_interpolation).to(device=device, dtype=dtype)
         if key not in self._pos_cache:
             self._pos_cache.clear()
             self._pos_cache[key] = sincos_2d(self.config.hidden_size, h, w, self.config.base_size, self.config.pe_interpolation)
