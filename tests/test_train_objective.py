@@ -12,10 +12,13 @@ def _phi(x):  # IDDPM's tanh approximation of the standard normal CDF
     return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def reference_loss(x0, eps_true, out, t, snr_gamma=None):
+def reference_loss(x0, eps_true, out, t, snr_gamma=None, x0_cap=None):
     T = 1000
     betas = np.linspace(1e-4, 0.02, T)
     abar = np.cumprod(1 - betas)
+    if x0_cap is not None:  # clamp(1/SNR, 1, cap), normalized to mean 1 over the T timesteps
+        inv_snr = (1 - abar) / abar
+        norm = sum(min(max(v, 1.0), x0_cap) for v in inv_snr) / T
     losses = []
     for i in range(x0.shape[0]):
         ti = int(t[i])
@@ -28,6 +31,8 @@ def reference_loss(x0, eps_true, out, t, snr_gamma=None):
         if snr_gamma is not None:
             snr = a_t / (1 - a_t)
             mse *= min(snr, snr_gamma) / snr
+        if x0_cap is not None:
+            mse *= min(max((1 - a_t) / a_t, 1.0), x0_cap) / norm
         def post_var(k):
             ap = abar[k - 1] if k > 0 else 1.0
             return betas[k] * (1 - ap) / (1 - abar[k])
@@ -61,13 +66,13 @@ def test_hybrid_loss_matches_formulas():
     eps = rng.standard_normal((b, c, h, w))
     out = np.concatenate([rng.standard_normal((b, c, h, w)), rng.uniform(-1, 1, (b, c, h, w))], axis=1)
     t = np.array([0, 1, 7, 250, 600, 999])
-    for gamma in (None, 5.0):
-        d = GaussianDiffusion(snr_gamma=gamma)
+    for gamma, cap in ((None, None), (5.0, None), (None, 10.0)):
+        d = GaussianDiffusion(snr_gamma=gamma, x0_weight_cap=cap)
         x0_t, eps_t, out_t, t_t = (torch.tensor(a, dtype=torch.float32) for a in (x0, eps, out, t))
         t_t = t_t.long()
         xt = d.q_sample(x0_t, t_t, eps_t)
         terms = d.loss_terms(out_t, x0_t, xt, t_t, eps_t)
-        ref = reference_loss(x0, eps, out, t, gamma)
+        ref = reference_loss(x0, eps, out, t, gamma, cap)
         np.testing.assert_allclose(terms.loss.double().numpy(), ref, rtol=2e-4, atol=2e-5)
 
 
@@ -80,3 +85,19 @@ def test_vb_trains_only_variance():
     terms = d.loss_terms(out, x0, d.q_sample(x0, t, noise), t, noise)
     (g,) = torch.autograd.grad(terms.vb.sum(), out)
     assert g[:, :4].abs().max() == 0 and g[:, 4:].abs().max() > 0
+
+
+def test_x0_weight_cap_emphasizes_noisy_steps_and_rejects_bad_settings():
+    import pytest
+
+    from pixsigma.errors import PixsigmaError
+
+    d = GaussianDiffusion(x0_weight_cap=10.0)
+    w = d.snr_weight(torch.arange(1000))
+    assert abs(w.double().mean().item() - 1.0) < 1e-5
+    assert w[900] / w[50] == pytest.approx(10.0, rel=1e-5)  # the cap over the floor of 1
+    assert torch.all(w[1:] >= w[:-1])  # never less weight for a noisier step
+    with pytest.raises(PixsigmaError, match="x0_weight_cap must be >= 1"):
+        GaussianDiffusion(x0_weight_cap=0.5)
+    with pytest.raises(PixsigmaError, match="set one of them"):
+        GaussianDiffusion(snr_gamma=5.0, x0_weight_cap=10.0)

@@ -88,6 +88,7 @@ class ScheduleSection:
     seed: int = 0
     num_timesteps: int = 1000
     snr_gamma: float | None = None  # min-SNR-γ weighting of the MSE term
+    x0_weight_cap: float | None = None  # MSE weighted by clamp(1/SNR, 1, cap), mean 1: emphasizes noisy steps
     log_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (CPU runs are then bit-reproducible)
 

@@ -300,7 +300,8 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     optimizer = make_optimizer(cfg, model.parameters())
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma)
+    diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma,
+                                 x0_weight_cap=cfg.schedule.x0_weight_cap)
 
     step, epoch, index = 0, 0, 0
     if resume:
