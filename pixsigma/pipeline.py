@@ -73,10 +73,11 @@ def compile_transformer(transformer):
 
     Inductor fuses the elementwise work between the matmuls (adaLN modulation, GELU, gates, the
     fp32-residual casts), about a quarter of a CPU forward, and with `freezing` treats the
-    weights as constants so the matmuls get pre-packed layouts: -19% per XL_2 forward at 1024px
-    in bf16 on CPU (benchmarks/generate_1024.py). It compiles on the first call (about a
-    minute for XL_2) and again for each new latent size; the weights are read at compile time,
-    so weights changed afterwards need a new compile. Needs a C++ compiler on CPU.
+    weights as constants so the matmuls get pre-packed layouts. Measured on CPU in bf16 with KV
+    compression: -7% per XL_2 step at 1024px, where attention dominates, and -19% on a slice of
+    blocks at the same size (benchmarks/generate_1024.py, README). It compiles on the first call
+    (33 s for XL_2 at 1024px) and again for each new latent size; the weights are read at compile
+    time, so weights changed afterwards need a new compile. Needs a C++ compiler on CPU.
     """
     return torch.compile(transformer, dynamic=False, options={"freezing": True})
 
