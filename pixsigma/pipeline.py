@@ -222,6 +222,13 @@ class SigmaPipeline:
 
     # -- facts -----------------------------------------------------------------------------------
     @property
+    def prediction_type(self) -> str | None:
+        """What the transformer predicts: its own config's value when it records one other than the
+        default (a pixsigma checkpoint), else None (the scheduler config decides, as in diffusers)."""
+        kind = self.transformer.config.prediction_type
+        return kind if kind != "epsilon" else None
+
+    @property
     def resolution(self) -> int:
         """The model's base pixel size (training latent size × VAE factor)."""
         return self.transformer.config.sample_size * self.vae.factor
@@ -342,7 +349,8 @@ class SigmaPipeline:
         try:
             x = sample(model_fn, noise, sampler=sampler, steps=steps,
                        generator=generator if not isinstance(generator, (list, tuple)) else generator[0],
-                       callback=callback, scheduler_config=self.scheduler_config, progress=progress)
+                       callback=callback, scheduler_config=self.scheduler_config, progress=progress,
+                       prediction_type=self.prediction_type)
         except torch._dynamo.exc.TorchDynamoException as e:
             first = " ".join(str(e).split())[:160]
             raise PixsigmaError(f"torch.compile could not compile the transformer ({type(e).__name__}: {first}); "

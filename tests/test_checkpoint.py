@@ -219,3 +219,19 @@ def test_folder_with_one_pixsigma_file_loads(tmp_path):
     loaded = load_transformer(tmp_path / "pipe")  # the pipeline folder: transformer/ is found
     assert loaded.config == model.config
     assert same_tensors(loaded.state_dict(), model.state_dict())
+
+
+def test_prediction_type_survives_every_layout_that_can_hold_it(tmp_path):
+    v_like = SIGMA_LIKE.with_(prediction_type="v_prediction")
+    model = randomized(v_like)
+    save_safetensors(model, tmp_path / "v.safetensors")
+    assert load_transformer(tmp_path / "v.safetensors").config == v_like
+    convert(tmp_path / "v.safetensors", tmp_path / "v_diffusers", to="diffusers")
+    assert load_transformer(tmp_path / "v_diffusers").config == v_like
+    eps_cfg = json.loads((tmp_path / "v_diffusers" / "config.json").read_text())
+    assert eps_cfg["pixsigma_prediction_type"] == "v_prediction"
+    # an ε model's diffusers config stays exactly what diffusers writes
+    convert(tmp_path / "v.safetensors", tmp_path / "e_diffusers", to="diffusers", prediction_type="epsilon")
+    assert "pixsigma_prediction_type" not in json.loads((tmp_path / "e_diffusers" / "config.json").read_text())
+    with pytest.raises(ValueError, match="prediction_type 'x0' is not supported"):
+        SIGMA_LIKE.with_(prediction_type="x0")

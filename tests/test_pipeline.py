@@ -388,3 +388,51 @@ def test_compile_failure_is_one_clear_error(folder):
     pipe._compiled = broken
     with pytest.raises(PixsigmaError, match="torch.compile could not compile the transformer.*C\\+\\+ compiler"):
         pipe("a cat", num_inference_steps=2, seed=0, output_type="latent")
+
+
+@pytest.mark.parametrize("sampler", ["dpm-solver", "ddim", "euler", "iddpm"])
+def test_v_prediction_sampling_equals_the_equivalent_eps_model(sampler):
+    """A model predicting v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 samples to the same latents as the ε model it is
+    equivalent to, with every sampler (diffusers' schedulers and the IDDPM one)."""
+    from pixsigma.diffusion.samplers import DEFAULT_SCHEDULE
+
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(3)) * 0.3
+
+    def eps_fn(x, t):  # a smooth nonlinear stand-in for a network, with a learned-variance half
+        e = torch.tanh(torch.einsum("oc,bchw->bohw", w, x)) + 0.1 * x
+        return torch.cat([e, torch.full_like(x, 0.3)], dim=1)
+
+    sigmas = ((1 - acp) / acp).sqrt().numpy()
+
+    def v_fn(x_in, t):
+        # x_in is the scheduler's model input, x_t in the VP scaling for every sampler here; Euler's
+        # timesteps are fractional and its σ is interpolated linearly in t, so ᾱ is taken the same way
+        out = eps_fn(x_in, t)
+        abar = 1.0 / (1.0 + float(np.interp(float(t), np.arange(1000), sigmas)) ** 2)
+        a, s = abar ** 0.5, (1 - abar) ** 0.5
+        return torch.cat([(out[:, :4] - s * x_in) / a, out[:, 4:]], dim=1)
+
+    x = _noise(5, (2, 4, 8, 8))
+    common = dict(steps=6, generator=torch.Generator().manual_seed(2))
+    ref = sample(eps_fn, x, sampler, **common)
+    common["generator"] = torch.Generator().manual_seed(2)
+    got = sample(v_fn, x, sampler, prediction_type="v_prediction", **common)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert DEFAULT_SCHEDULE["prediction_type"] == "epsilon"
+    with pytest.raises(PixsigmaError, match="prediction_type 'sample' is not supported"):
+        sample(eps_fn, x, sampler, prediction_type="sample", steps=2)
+
+
+def test_pipeline_samples_with_the_transformers_prediction_type(folder, tmp_path):
+    """A v-prediction checkpoint (config in its metadata) makes the pipeline sample with v; the same
+    weights read as ε give other images."""
+    ours = SigmaPipeline.from_pretrained(folder)
+    eps_img = ours("a red cat", height=32, width=32, num_inference_steps=3, output_type="latent", latents=_noise(0)).images
+    v_model = ours.transformer
+    v_model.config = v_model.config.with_(prediction_type="v_prediction")
+    save_transformer(v_model, tmp_path / "v.safetensors")
+    v_pipe = SigmaPipeline.from_pretrained(folder, transformer=tmp_path / "v.safetensors")
+    assert v_pipe.transformer.config.prediction_type == "v_prediction" and v_pipe.prediction_type == "v_prediction"
+    v_img = v_pipe("a red cat", height=32, width=32, num_inference_steps=3, output_type="latent", latents=_noise(0)).images
+    assert torch.isfinite(v_img).all() and not torch.allclose(v_img, eps_img, atol=1e-3)

@@ -101,3 +101,35 @@ def test_x0_weight_cap_emphasizes_noisy_steps_and_rejects_bad_settings():
         GaussianDiffusion(x0_weight_cap=0.5)
     with pytest.raises(PixsigmaError, match="set one of them"):
         GaussianDiffusion(snr_gamma=5.0, x0_weight_cap=10.0)
+
+
+def test_v_prediction_loss_targets_v_and_keeps_the_vb_of_the_implied_eps():
+    """A v-prediction output is scored against v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 (float64 reference), and its VB
+    term equals the ε model's VB for the ε that v implies (so the variance head trains the same)."""
+    import pytest
+
+    from pixsigma.errors import PixsigmaError
+
+    rng = np.random.default_rng(1)
+    b, c = 5, 4
+    x0 = rng.uniform(-1.2, 1.2, (b, c, 4, 4))
+    eps_true = rng.standard_normal(x0.shape)
+    eps_hat = rng.standard_normal(x0.shape)
+    var_half = rng.uniform(-1, 1, x0.shape)
+    t = np.array([0, 5, 300, 800, 999])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
+    a, s = np.sqrt(abar), np.sqrt(1 - abar)
+    xt = a * x0 + s * eps_true
+    v_hat = (eps_hat - s * xt) / a  # the v output whose implied ε is eps_hat
+    v_true = a * eps_true - s * x0
+    ref = reference_loss(x0, eps_true, np.concatenate([eps_hat, var_half], 1), t)
+    ref_mse = np.mean((eps_true - eps_hat) ** 2, axis=(1, 2, 3))
+
+    d_v = GaussianDiffusion(prediction_type="v_prediction")
+    tt = lambda a_: torch.tensor(a_, dtype=torch.float32)  # noqa: E731
+    terms = d_v.loss_terms(tt(np.concatenate([v_hat, var_half], 1)), tt(x0), tt(xt), torch.tensor(t), tt(eps_true))
+    np.testing.assert_allclose(terms.mse.double().numpy(), np.mean((v_true - v_hat) ** 2, axis=(1, 2, 3)), rtol=1e-4)
+    # VB: the ε model's total minus its MSE (t = 999's v → ε factor is large: loose atol)
+    np.testing.assert_allclose(terms.vb.double().numpy(), ref - ref_mse, rtol=2e-3, atol=2e-4)
+    with pytest.raises(PixsigmaError, match="prediction_type 'sample' is not supported"):
+        GaussianDiffusion(prediction_type="sample")

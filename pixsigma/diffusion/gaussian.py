@@ -4,8 +4,9 @@ Schedule: `num_timesteps` (1000) linear betas from 1e-4 to 0.02 (IDDPM scales bo
 1000 / num_timesteps so that other step counts keep the same total noise), all constants kept
 in float64 and gathered per sample.
 
-The model predicts epsilon (first half of its output channels) and a "learned range" variance
-value v (second half): with frac = (v + 1) / 2,
+The model predicts epsilon (first half of its output channels; or, with prediction_type
+"v_prediction", v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0, the MSE target then being v) and a "learned
+range" variance value v (second half): with frac = (v + 1) / 2,
 
     log σ²_t = frac · log β_t + (1 − frac) · log β̃_t(clipped)
 
@@ -82,7 +83,8 @@ class GaussianDiffusion:
     """Forward process `q_sample` and the hybrid MSE + VB loss of IDDPM (learned range variance)."""
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 snr_gamma: float | None = None, learn_sigma: bool = True, x0_weight_cap: float | None = None):
+                 snr_gamma: float | None = None, learn_sigma: bool = True, x0_weight_cap: float | None = None,
+                 prediction_type: str = "epsilon"):
         if num_timesteps < 2:
             raise PixsigmaError(f"num_timesteps must be >= 2, got {num_timesteps}")
         if snr_gamma is not None and snr_gamma <= 0:
@@ -91,6 +93,9 @@ class GaussianDiffusion:
             raise PixsigmaError(f"x0_weight_cap must be >= 1 (or unset), got {x0_weight_cap}")
         if x0_weight_cap is not None and snr_gamma is not None:
             raise PixsigmaError("snr_gamma and x0_weight_cap are two different loss weightings; set one of them")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise PixsigmaError(f"prediction_type {prediction_type!r} is not supported; expected 'epsilon' or 'v_prediction'")
+        self.prediction_type = prediction_type
         self.num_timesteps = num_timesteps
         self.snr_gamma = snr_gamma
         self.learn_sigma = learn_sigma
@@ -169,14 +174,20 @@ class GaussianDiffusion:
         if self.learn_sigma:
             if out.shape[1] != 2 * c:
                 raise PixsigmaError(f"model output has {out.shape[1]} channels; learned variance needs {2 * c}")
-            eps, v = out[:, :c], out[:, c:]
+            pred, v = out[:, :c], out[:, c:]
         else:
-            eps, v = out, None
-        mse = _mean_flat((noise - eps) ** 2) * self.snr_weight(t)
+            pred, v = out, None
+        nd = x_t.ndim
+        if self.prediction_type == "v_prediction":
+            a, s = self._gather("sqrt_alphas_cumprod", t, nd), self._gather("sqrt_one_minus_alphas_cumprod", t, nd)
+            target = a * noise - s * x_start
+            eps = s * x_t + a * pred  # the ε this v implies (x_t = a·x_0 + s·ε)
+        else:
+            target, eps = noise, pred
+        mse = _mean_flat((target - pred) ** 2) * self.snr_weight(t)
         if v is None:
             zero = torch.zeros_like(mse)
             return LossTerms(loss=mse, mse=mse, vb=zero)
-        nd = x_t.ndim
         log_var = self.model_log_variance(v, t)
         eps_frozen = eps.detach()
         pred_x0 = self._gather("sqrt_recip_alphas_cumprod", t, nd) * x_t - self._gather("sqrt_recipm1_alphas_cumprod", t, nd) * eps_frozen

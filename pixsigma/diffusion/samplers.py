@@ -3,12 +3,14 @@
     x0 = sample(model_fn, noise, sampler="dpm-solver", steps=20, generator=g, callback=cb)
 
 `model_fn(x, t) -> output` is the denoiser (classifier-free guidance already applied), t a
-scalar tensor timestep on the 0..999 scale. Its output holds epsilon and, for models with
+scalar tensor timestep on the 0..999 scale. Its output holds epsilon (or v, with the schedule's
+prediction_type "v_prediction") and, for models with
 learned variance, a second half of channels (v ∈ [-1, 1]): the ODE / diffusers samplers drop
 that half (as diffusers' PixArt pipeline does), the IDDPM sampler uses it. `noise` is standard
 normal; it is scaled by the scheduler's initial sigma here.
 
-The schedule is the model's: 1000 training steps, linear betas 1e-4 → 0.02, epsilon prediction.
+The schedule is the model's: 1000 training steps, linear betas 1e-4 → 0.02, epsilon prediction
+unless the scheduler config or `prediction_type=` says "v_prediction".
 """
 
 from __future__ import annotations
@@ -68,18 +70,24 @@ def default_steps(sampler: str) -> int:
     return SAMPLERS[resolve_sampler(sampler)]
 
 
-def schedule_from_config(config: dict | None) -> dict:
-    """The training schedule (betas, steps, prediction type) from a scheduler config, else defaults."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def schedule_from_config(config: dict | None, prediction_type: str | None = None) -> dict:
+    """The training schedule (betas, steps, prediction type) from a scheduler config, else defaults;
+    `prediction_type`, when given, overrides the config's."""
     schedule = dict(DEFAULT_SCHEDULE)
     for k in DEFAULT_SCHEDULE:
         if config and config.get(k) is not None:
             schedule[k] = config[k]
-    if schedule["prediction_type"] != "epsilon":
-        raise PixsigmaError(f"scheduler prediction_type {schedule['prediction_type']!r} is not supported; expected 'epsilon'")
+    if prediction_type is not None:
+        schedule["prediction_type"] = prediction_type
+    if schedule["prediction_type"] not in PREDICTION_TYPES:
+        raise PixsigmaError(f"prediction_type {schedule['prediction_type']!r} is not supported; expected one of {PREDICTION_TYPES}")
     return schedule
 
 
-def make_scheduler(sampler: str, scheduler_config: dict | None = None):
+def make_scheduler(sampler: str, scheduler_config: dict | None = None, prediction_type: str | None = None):
     """A diffusers scheduler for `sampler`, on the model's schedule.
 
     scheduler_config: a pipeline folder's scheduler config (dict). Its schedule is used; for
@@ -88,10 +96,10 @@ def make_scheduler(sampler: str, scheduler_config: dict | None = None):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SASolverScheduler
 
     name = resolve_sampler(sampler)
-    schedule = schedule_from_config(scheduler_config)
+    schedule = schedule_from_config(scheduler_config, prediction_type)
     if name == "dpm-solver":
         if scheduler_config and scheduler_config.get("_class_name") == "DPMSolverMultistepScheduler":
-            return DPMSolverMultistepScheduler.from_config(scheduler_config)
+            return DPMSolverMultistepScheduler.from_config(scheduler_config, prediction_type=schedule["prediction_type"])
         return DPMSolverMultistepScheduler(**schedule, **DPM_SOLVER_CONFIG)
     if name == "sa-solver":
         return SASolverScheduler(**schedule, predictor_order=2, corrector_order=2, algorithm_type="data_prediction",
@@ -123,9 +131,11 @@ def _progress(iterable, enabled: bool, total: int):
 @torch.no_grad()
 def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: int | None = None,
            generator: torch.Generator | None = None, callback=None, scheduler_config: dict | None = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, prediction_type: str | None = None) -> torch.Tensor:
     """Run `sampler` for `steps` from standard-normal `latents`; returns the clean latents.
 
+    prediction_type: what model_fn's output is ("epsilon" / "v_prediction"); default: the
+    scheduler config's, else epsilon.
     callback(step_index, timestep, latents) after each step. NaN/inf in the latents stops
     sampling with a PixsigmaError naming the step.
     """
@@ -135,8 +145,8 @@ def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: 
         raise PixsigmaError(f"steps {steps} is out of range; expected 1..1000")
     channels = latents.shape[1]
     if name == "iddpm":
-        return _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress)
-    scheduler = make_scheduler(name, scheduler_config)
+        return _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress, prediction_type)
+    scheduler = make_scheduler(name, scheduler_config, prediction_type)
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -144,8 +154,8 @@ def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: 
     n = len(timesteps)
     for i, t in enumerate(_progress(timesteps, progress, n)):
         out = model_fn(scheduler.scale_model_input(x, t), t)
-        eps = out[:, :channels] if out.shape[1] == 2 * channels else out
-        x = scheduler.step(eps.float(), t, x, **step_kwargs, return_dict=False)[0]
+        pred = out[:, :channels] if out.shape[1] == 2 * channels else out
+        x = scheduler.step(pred.float(), t, x, **step_kwargs, return_dict=False)[0]
         _check_finite(x, i, n, t)
         if callback is not None:
             callback(i, t, x)
@@ -157,10 +167,10 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress):
+def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress, prediction_type):
     from pixsigma.diffusion.iddpm import IDDPMSchedule, linear_betas
 
-    schedule = schedule_from_config(scheduler_config)
+    schedule = schedule_from_config(scheduler_config, prediction_type)
     if schedule["beta_schedule"] != "linear":
         raise PixsigmaError(f"the IDDPM sampler supports beta_schedule 'linear', got {schedule['beta_schedule']!r}")
     sched = IDDPMSchedule(linear_betas(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]), steps)
@@ -178,6 +188,9 @@ def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_confi
                 log.warning("the model has no learned variance: the IDDPM sampler uses the clipped posterior variance")
                 warned = True
             eps, v = out, torch.full_like(out, -1.0)
+        if schedule["prediction_type"] == "v_prediction":  # ε = sqrt(1−ᾱ)·x_t + sqrt(ᾱ)·v
+            acp = float(sched.alphas_cumprod[i])
+            eps = (1.0 - acp) ** 0.5 * x + acp ** 0.5 * eps
         noise = _randn(x, generator) if i > 0 else None
         x = sched.step(i, x, eps, v, noise)
         _check_finite(x, k, n, t)

@@ -39,6 +39,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 NULL_CAPTION_FILE = "y_embedding.safetensors"
 CONFIG_KEY = "pixsigma_config"
+DIFFUSERS_PREDICTION_KEY = "pixsigma_prediction_type"
 HISTORY_KEY = "pixsigma_history"
 RELEASED_HEAD_DIM = 72
 
@@ -194,6 +195,9 @@ def diffusers_config(config: TransformerConfig) -> dict:
         "use_additional_conditions": config.micro_conditions,
         "caption_channels": config.caption_channels,
         "attention_type": "default",
+        # diffusers keeps the prediction type in the scheduler's config; an extra key here (which
+        # diffusers ignores) keeps a v-prediction model from being read back as an ε one
+        **({DIFFUSERS_PREDICTION_KEY: config.prediction_type} if config.prediction_type != "epsilon" else {}),
     }
 
 
@@ -292,6 +296,7 @@ def infer_config(sd: dict, known: dict, name: str = "") -> TransformerConfig:
             micro_conditions="csize_embedder.mlp.0.weight" in sd,
             kv_compress=KVCompressConfig(**kv) if kv else KVCompressConfig(),
             caption_dropout=known.get("caption_dropout", 0.1),
+            prediction_type=known.get("prediction_type", "epsilon"),
         )
     except ValueError as e:
         raise PixsigmaError(f"{name}: {e}") from None
@@ -314,6 +319,8 @@ def _known_from_diffusers(config: dict) -> dict:
         known["sample_size"] = config["sample_size"]
     interp = config.get("interpolation_scale")
     known["pe_interpolation"] = interp if interp is not None else max(config.get("sample_size", 128) // 64, 1)
+    if config.get(DIFFUSERS_PREDICTION_KEY):
+        known["prediction_type"] = config[DIFFUSERS_PREDICTION_KEY]
     return known
 
 

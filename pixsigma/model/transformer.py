@@ -52,6 +52,9 @@ class KVCompressConfig:
         return bool(self.layers) and self.ratio > 1
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     depth: int = 28
@@ -69,6 +72,11 @@ class TransformerConfig:
     micro_conditions: bool = False  # PixArt-α 1024-MS size / aspect-ratio conditions
     kv_compress: KVCompressConfig = field(default_factory=KVCompressConfig)
     caption_dropout: float = 0.1  # probability of replacing a caption by y_embedding in training
+    # What the first output half predicts: "epsilon" (the released models) or "v_prediction"
+    # (v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0). With ε, the x0 a sampler derives at the noisiest step is
+    # x_t/sqrt(ᾱ) minus ε̂ scaled by sqrt((1−ᾱ)/ᾱ) ≈ 157 at t = 999, so a small network's 1% error in
+    # ε̂ becomes noise-driven layout; v keeps that error at its own size. Samplers and the loss read it.
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
         if isinstance(self.kv_compress, dict):
@@ -79,6 +87,8 @@ class TransformerConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
         if self.micro_conditions and self.hidden_size % 3:
             raise ValueError(f"micro_conditions need hidden_size divisible by 3, got {self.hidden_size}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
         bad = [i for i in self.kv_compress.layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"kv_compress layers {bad} are outside 0..{self.depth - 1}")

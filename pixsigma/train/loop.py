@@ -53,13 +53,17 @@ def build_model(cfg: TrainConfig, vae_factor: int, resolution: int | None = None
 
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
-        structural = sorted(set(overrides) - {"caption_dropout"})
+        # the output's meaning may change (fine-tuning ε → v); the shapes may not
+        structural = sorted(set(overrides) - {"caption_dropout", "prediction_type"})
         if structural:
             raise PixsigmaError(f"model.overrides {structural} cannot change a loaded checkpoint; "
                                 "use pixsigma adapt (resolution / kv-compress / tokens) to make a new one")
         model = load_transformer(cfg.model.init_from)
         if overrides:
-            model.config = model.config.with_(**overrides)
+            try:
+                model.config = model.config.with_(**overrides)
+            except (TypeError, ValueError) as e:
+                raise PixsigmaError(f"model.overrides: {e}") from None
         return model.train()
     base = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[cfg.model.preset]
     res = resolution or cfg.data.resolution
@@ -301,7 +305,7 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
     diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma,
-                                 x0_weight_cap=cfg.schedule.x0_weight_cap)
+                                 x0_weight_cap=cfg.schedule.x0_weight_cap, prediction_type=mc.prediction_type)
 
     step, epoch, index = 0, 0, 0
     if resume:
