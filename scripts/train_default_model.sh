@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains the shipped default model from nothing, weak-to-strong, on 2 CPU cores:
 #   synthetic data → toy VAE → stage 1 at 32px → adapt resolution → stages 2 and 2b at 64px
-#   → adapt kv-compress (deep half, conv R=2) → stage 3 → ship into pixsigma/assets/default_model
+#   → stage 2c (the same network fine-tuned from ε- to v-prediction) → adapt kv-compress (deep
+#   half, conv R=2) → stage 3 → ship into pixsigma/assets/default_model
 #   → held-out adherence evaluation.
 # Every step skips what is already done and every training stage resumes (--resume), so a
 # killed run is continued by running this script again. Logs go to runs/toy/*.log.
@@ -33,8 +34,10 @@ pixsigma train configs/toy/stage1_32px.toml --resume 2>&1 | tee -a "$RUN/stage1.
 pixsigma extract --config configs/toy/stage1_32px.toml --cache "$RUN/cache-64" --resolution 64 --text-encoder "$TE" --patch-size 1 --batch-size 64 2>&1 | tee "$RUN/extract64.log"
 pixsigma train configs/toy/stage2_64px.toml --resume 2>&1 | tee -a "$RUN/stage2.log"
 pixsigma train configs/toy/stage2b_64px.toml --resume 2>&1 | tee -a "$RUN/stage2b.log"
+pixsigma train configs/toy/stage2c_vpred.toml --resume 2>&1 | tee -a "$RUN/stage2c.log"
+python scripts/x0_error.py "$RUN/stage2c/model.safetensors" 2>&1 | tee "$RUN/x0_error_stage2c.log"
 
-[ -f "$RUN/stage3_init.safetensors" ] || pixsigma adapt kv-compress "$RUN/stage2b/model.safetensors" "$RUN/stage3_init.safetensors" --layers deep --operator conv --ratio 2
+[ -f "$RUN/stage3_init.safetensors" ] || pixsigma adapt kv-compress "$RUN/stage2c/model.safetensors" "$RUN/stage3_init.safetensors" --layers deep --operator conv --ratio 2
 pixsigma train configs/toy/stage3_kv.toml --resume 2>&1 | tee -a "$RUN/stage3.log"
 
 python -m pixsigma.toy.ship --vae "$RUN/vae_dec" --transformer "$RUN/stage3/model.safetensors" --logs "$RUN"
@@ -42,5 +45,5 @@ python -m pixsigma.toy.ship --vae "$RUN/vae_dec" --transformer "$RUN/stage3/mode
 # 20 and 10 steps, and the model before the KV-compression stage at 20 steps
 pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --json "$RUN/adherence_20.json" 2>&1 | tee "$RUN/adherence_20.log"
 pixsigma eval adherence --steps 10 --seeds 4 --dtype bf16 --json "$RUN/adherence_10.json" 2>&1 | tee "$RUN/adherence_10.log"
-pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$RUN/stage2b/model.safetensors" \
+pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$RUN/stage2c/model.safetensors" \
     --json "$RUN/adherence_pre_kv.json" 2>&1 | tee "$RUN/adherence_pre_kv.log"
