@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.model.transformer import PREDICTION_TYPES
 
 __all__ = ["GaussianDiffusion", "linear_betas", "normal_kl", "discretized_gaussian_log_likelihood"]
 
@@ -93,8 +94,8 @@ class GaussianDiffusion:
             raise PixsigmaError(f"x0_weight_cap must be >= 1 (or unset), got {x0_weight_cap}")
         if x0_weight_cap is not None and snr_gamma is not None:
             raise PixsigmaError("snr_gamma and x0_weight_cap are two different loss weightings; set one of them")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise PixsigmaError(f"prediction_type {prediction_type!r} is not supported; expected 'epsilon' or 'v_prediction'")
+        if prediction_type not in PREDICTION_TYPES:
+            raise PixsigmaError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
         self.prediction_type = prediction_type
         self.num_timesteps = num_timesteps
         self.snr_gamma = snr_gamma

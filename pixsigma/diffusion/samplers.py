@@ -21,6 +21,7 @@ import logging
 import torch
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.model.transformer import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,6 @@ def resolve_sampler(name: str) -> str:
 
 def default_steps(sampler: str) -> int:
     return SAMPLERS[resolve_sampler(sampler)]
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def schedule_from_config(config: dict | None, prediction_type: str | None = None) -> dict:
