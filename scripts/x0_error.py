@@ -26,20 +26,16 @@ def x0_errors(model, cache: FeatureCache, n: int, timesteps=(999, 900, 700, 500)
     items = [cache.get(i) for i in cache.index[:n]]
     x0 = scale_latents(torch.stack([d["mean"].float() for d in items]), cache.vae)
     emb, mask = pad_captions([d["short"] for d in items], model.config.max_caption_tokens)
-    diffusion = GaussianDiffusion()
+    diffusion = GaussianDiffusion(prediction_type=model.config.prediction_type)
     c = x0.shape[1]
     out = {"zero": float(x0.pow(2).mean())}
     for t_val in timesteps:
         t = torch.full((n,), t_val, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=g)
         x_t = diffusion.q_sample(x0, t, noise)
-        a, s = diffusion.sqrt_alphas_cumprod[t_val], diffusion.sqrt_one_minus_alphas_cumprod[t_val]
         for name, drop in (("caption", None), ("null", torch.ones(n, dtype=torch.bool))):
             pred = model(x_t, t, emb.float(), mask, force_drop_ids=drop)[:, :c].float()
-            if model.config.prediction_type == "v_prediction":
-                x0_hat = a * x_t - s * pred
-            else:
-                x0_hat = (x_t - s * pred) / a
+            x0_hat = diffusion.predicted_x0(pred, x_t, t)
             out[f"t{t_val}_{name}"] = float((x0_hat - x0).pow(2).mean())
     return out
 

@@ -165,6 +165,14 @@ class GaussianDiffusion:
         snr = self._gather("snr", t, 1)
         return torch.clamp(snr, max=self.snr_gamma) / snr
 
+    def predicted_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction implies (what samplers step with): from ε,
+        x_t / sqrt(ᾱ) − sqrt(1/ᾱ − 1)·ε̂; from v, sqrt(ᾱ)·x_t − sqrt(1 − ᾱ)·v̂."""
+        nd = x_t.ndim
+        if self.prediction_type == "v_prediction":
+            return self._gather("sqrt_alphas_cumprod", t, nd) * x_t - self._gather("sqrt_one_minus_alphas_cumprod", t, nd) * pred
+        return self._gather("sqrt_recip_alphas_cumprod", t, nd) * x_t - self._gather("sqrt_recipm1_alphas_cumprod", t, nd) * pred
+
     # -- the objective ---------------------------------------------------------------------------
     def loss_terms(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
                    t: torch.Tensor, noise: torch.Tensor) -> LossTerms:
@@ -182,17 +190,14 @@ class GaussianDiffusion:
         if self.prediction_type == "v_prediction":
             a, s = self._gather("sqrt_alphas_cumprod", t, nd), self._gather("sqrt_one_minus_alphas_cumprod", t, nd)
             target = a * noise - s * x_start
-            eps = s * x_t + a * pred  # the ε this v implies (x_t = a·x_0 + s·ε)
         else:
-            target, eps = noise, pred
+            target = noise
         mse = _mean_flat((target - pred) ** 2) * self.snr_weight(t)
         if v is None:
             zero = torch.zeros_like(mse)
             return LossTerms(loss=mse, mse=mse, vb=zero)
         log_var = self.model_log_variance(v, t)
-        eps_frozen = eps.detach()
-        pred_x0 = self._gather("sqrt_recip_alphas_cumprod", t, nd) * x_t - self._gather("sqrt_recipm1_alphas_cumprod", t, nd) * eps_frozen
-        model_mean, _ = self.q_posterior(pred_x0, x_t, t)
+        model_mean, _ = self.q_posterior(self.predicted_x0(pred.detach(), x_t, t), x_t, t)
         true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
         kl = _mean_flat(normal_kl(true_mean, true_log_var, model_mean, log_var)) / math.log(2.0)
         nll = -_mean_flat(discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * log_var)) / math.log(2.0)
