@@ -72,6 +72,26 @@ def test_tiny_model_learns(tmp_path):
     assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(logged[0])
 
 
+def test_cosine_lr_decay(tmp_path):
+    from pixsigma.train.loop import lr_at, train
+
+    cache = synthetic_cache(tmp_path / "cache")
+    cfg = tiny_config(tmp_path, cache, optim={"warmup_steps": 4, "decay": "cosine", "min_lr": 1e-4},
+                      schedule={"max_steps": 24, "log_every": 1})
+    assert lr_at(cfg, 0) == pytest.approx(2.5e-4) and lr_at(cfg, 3) == pytest.approx(1e-3)  # warmup
+    assert lr_at(cfg, 14) == pytest.approx(5.5e-4)  # halfway through the decay: mean of lr and min_lr
+    assert lr_at(cfg, 24) == pytest.approx(1e-4)
+    assert lr_at(tiny_config(tmp_path, cache), 20) == 1e-3  # "constant" stays the default
+    train(cfg)
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "log.jsonl") if '"lr"' in line]
+    assert len(logged) == 24 and all(a > b for a, b in zip(logged[4:], logged[5:]))  # the optimizer got the decay
+    assert logged[-1] == pytest.approx(lr_at(cfg, 23)) and logged[-1] < 1.1e-4
+    with pytest.raises(PixsigmaError, match="optim.decay"):
+        tiny_config(tmp_path, cache, optim={"decay": "linear"}).validate()
+    with pytest.raises(PixsigmaError, match="optim.min_lr"):
+        tiny_config(tmp_path, cache, optim={"decay": "cosine", "min_lr": 1.0}).validate()
+
+
 def test_eps_model_fine_tuned_to_v_prediction_learns_and_exports_it(tmp_path):
     """init_from an ε checkpoint + overrides.prediction_type = v_prediction trains toward v: its v loss
     falls and ends far below that of the same run kept on ε (and the other way round for the ε

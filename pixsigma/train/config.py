@@ -76,6 +76,10 @@ class OptimSection:
     eps: list[float] = field(default_factory=lambda: [1e-30, 1e-16])  # CAME's two epsilons
     adamw_eps: float = 1e-8
     warmup_steps: int = 500
+    # after warmup: "constant" (the paper's schedule) or "cosine" (half a cosine from lr down to
+    # min_lr at schedule.max_steps; short runs end better on a decayed lr)
+    decay: str = "constant"
+    min_lr: float = 0.0
     grad_clip: float = 0.01  # 0 disables
     ema_decay: float = 0.9999  # 0 disables EMA
 
@@ -163,6 +167,9 @@ class TrainConfig:
         one_of("checkpointing.export", self.checkpointing.export, ("ema", "model"))
         positive("optim.lr", self.optim.lr)
         positive("optim.warmup_steps", self.optim.warmup_steps, True)
+        one_of("optim.decay", self.optim.decay, ("constant", "cosine"))
+        if not 0 <= self.optim.min_lr <= self.optim.lr:
+            raise PixsigmaError(f"optim.min_lr must be in [0, optim.lr = {self.optim.lr}], got {self.optim.min_lr}")
         positive("optim.grad_clip", self.optim.grad_clip, True)
         if not 0 <= self.optim.ema_decay < 1:
             raise PixsigmaError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -95,9 +96,14 @@ def make_optimizer(cfg: TrainConfig, params):
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup over optim.warmup_steps, then constant (the paper's schedule)."""
-    w = cfg.optim.warmup_steps
-    return cfg.optim.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.optim.lr
+    """Linear warmup over optim.warmup_steps, then constant (the paper's schedule) or cosine decay."""
+    o, w = cfg.optim, cfg.optim.warmup_steps
+    if step < w:
+        return o.lr * (step + 1) / w
+    if o.decay == "constant":
+        return o.lr
+    progress = min(1.0, (step - w) / max(1, cfg.schedule.max_steps - w))
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
