@@ -288,8 +288,15 @@ def test_evaluate_format_and_save(tmp_path):
         if cat != "single":
             assert report["categories"][cat]["accuracy"] == 1.0
     assert report["single_attributes"]["all"] == 0.8
+    # shape confusion: each quick single prompt's shape read back on its render; the blank
+    # image's red circle has no detection ("none")
+    confusion = report["shape_confusion"]
+    for shape in ("square", "triangle", "cross"):
+        assert confusion[shape] == {s: int(s == shape) for s in (*P.SHAPES, "none")}
+    assert confusion["circle"] == {"circle": 1, "square": 0, "triangle": 0, "cross": 0, "none": 1}
     table = E.format_table(report)
     assert "two_objects" in table and "80.0%" in table and "not scorable: 1" in table
+    assert "shape read (columns)" in table
     path = tmp_path / "sub" / "report.json"
     E.save_json(report, str(path))
     assert json.loads(path.read_text()) == json.loads(json.dumps(report))

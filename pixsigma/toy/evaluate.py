@@ -84,6 +84,10 @@ class Result:
     shape_ok: bool | None = None
     position_ok: bool | None = None
     all_ok: bool | None = None
+    # single-object prompts naming a shape: that shape and the one read on the best-matching
+    # detection ("none" when nothing was detected); they feed the report's shape confusion
+    shape_asked: str | None = None
+    shape_read: str | None = None
     detections: list[Detection] = field(default_factory=list)
 
 
@@ -371,6 +375,8 @@ def score_detections(spec: P.PromptSpec, detections: list[Detection], prompt: st
             res.color_ok, res.shape_ok, res.position_ok = attrs(best)
         else:
             res.color_ok = res.shape_ok = res.position_ok = False
+        if c.shape is not None:
+            res.shape_asked, res.shape_read = c.shape, (best.shape if dets else "none")
         if c.position is None:
             res.position_ok = None
         res.all_ok = correct
@@ -417,11 +423,14 @@ def evaluate(images_and_prompts: Iterable, *, keep_results: bool = False) -> dic
 
     Returns a report dict: ``categories`` (per category n / correct / accuracy), ``overall``
     (mean of the category accuracies, as GenEval), ``single_attributes`` (color / shape /
-    position / all accuracies over single-object prompts), ``not_scorable``, ``n_images``.
+    position / all accuracies over single-object prompts), ``shape_confusion`` (for those
+    prompts: asked shape → shape read on the best-matching object → count), ``not_scorable``,
+    ``n_images``.
     When ``category`` is not given it is inferred from the prompt.
     """
     cats: dict[str, dict] = {}
     attrs = {"n": 0, "color": 0, "shape": 0, "position": 0, "all": 0}
+    confusion = {shape: {read: 0 for read in (*P.SHAPES, "none")} for shape in P.SHAPES}
     not_scorable = 0
     n_images = 0
     results = []
@@ -444,6 +453,8 @@ def evaluate(images_and_prompts: Iterable, *, keep_results: bool = False) -> dic
             attrs["shape"] += int(bool(res.shape_ok))
             attrs["position"] += int(bool(res.position_ok))
             attrs["all"] += int(bool(res.all_ok))
+            if res.shape_read is not None:
+                confusion[res.shape_asked][res.shape_read] += 1
     order = list(P.CATEGORIES) + sorted(c for c in cats if c not in P.CATEGORIES)
     categories = {}
     for c in order:
@@ -460,6 +471,7 @@ def evaluate(images_and_prompts: Iterable, *, keep_results: bool = False) -> dic
         "overall": float(np.mean(accs)) if accs else None,
         "categories": categories,
         "single_attributes": single_attributes,
+        "shape_confusion": {k: v for k, v in confusion.items() if sum(v.values())},
     }
     if keep_results:
         report["results"] = [_result_dict(r) for r in results]
@@ -489,6 +501,13 @@ def format_table(report: dict) -> str:
         lines.append("")
         lines.append(f"single-object prompts (n={sa['n']}): color {pct(sa['color'])}, shape {pct(sa['shape'])}, "
                      f"position {pct(sa['position'])}, all three {pct(sa['all'])}")
+    confusion = report.get("shape_confusion")
+    if confusion:
+        reads = list(next(iter(confusion.values())))
+        lines.append("shape read (columns) for the shape asked (rows), single-object prompts:")
+        lines.append(f"{'':<10}" + "".join(f"{r:>9}" for r in reads))
+        for asked, row in confusion.items():
+            lines.append(f"{asked:<10}" + "".join(f"{row[r]:>9}" for r in reads))
     lines.append(f"not scorable: {report.get('not_scorable', 0)} of {report.get('n_images', 0)} images")
     return "\n".join(lines)
 
