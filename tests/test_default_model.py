@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(), reason="
 # categories), single-object color 100% (8 of 8) and position 75% (6 of 8); the stage-3 model
 # before it read 22.9%, 100% and 62.5% here (on the full held-out set it is the weaker of the two:
 # overall 17.5% vs 18.0%), so the quick overall floor leaves a margin of about two images; the
-# ε model before them placed objects by the noise
-# (held-out single-object position 23.5%). The floors sit under the measurement and above
+# ε model before them placed objects by the noise (held-out single-object position 23.5%).
+# The floors sit under the measurement and above
 # chance (1 in 8 colors, 1 in 9 cells), so a broken sampler, prediction type, loader or text path
 # shows up as a drop.
 QUICK_FLOORS = {"overall": 0.12, "single_color": 0.75, "single_position": 0.5}

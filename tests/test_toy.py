@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -319,3 +320,37 @@ def test_write_dataset(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
     report = E.evaluate_folder(str(tmp_path))
     assert report["n_scored"] == 6 and report["overall"] == 1.0
+
+
+def test_ship_writes_model_and_keeps_previous_reports(tmp_path):
+    """ship() writes fp16 weights, the VAE folder, this run's logs and the model index, and keeps
+    the reports of models shipped before (logs/previous_*/) that sat in the replaced folder."""
+    from tests.tiny_components import build_transformer, build_vae
+
+    from pixsigma.model.checkpoint import load_transformer, save_safetensors
+    from pixsigma.toy.ship import ship
+
+    build_vae().save_pretrained(tmp_path / "vae")
+    model = build_transformer()
+    save_safetensors(model, tmp_path / "model.safetensors")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "stage.log").write_text("step 1\n")
+    (runs / "adherence_20.json").write_text("{}")
+    dest = tmp_path / "default_model"
+    (dest / "logs" / "previous_a").mkdir(parents=True)
+    (dest / "logs" / "previous_a" / "adherence_20.json").write_text('{"overall": 0.1}')
+    (dest / "logs" / "stale.log").write_text("old run")
+
+    ship(tmp_path / "vae", tmp_path / "model.safetensors", logs_dir=runs, dest=dest)
+    logs = dest / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["adherence_20.json", "previous_a", "stage.log"]
+    assert (logs / "previous_a" / "adherence_20.json").read_text() == '{"overall": 0.1}'
+    assert json.loads((dest / "model_index.json").read_text())["pixsigma_unconditional"] == "empty_prompt"
+    assert (dest / "vae" / "config.json").is_file()
+    shipped = load_transformer(dest / "transformer" / "model.safetensors")
+    for key, value in model.state_dict().items():
+        stored = shipped.state_dict()[key]
+        assert stored.dtype == (torch.float16 if value.is_floating_point() else value.dtype), key
+        torch.testing.assert_close(stored, value.to(stored.dtype))
+    assert not (tmp_path / ".default_model.tmp").exists()

