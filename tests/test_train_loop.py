@@ -92,6 +92,28 @@ def test_cosine_lr_decay(tmp_path):
         tiny_config(tmp_path, cache, optim={"decay": "cosine", "min_lr": 1.0}).validate()
 
 
+def test_trainer_draws_logit_normal_timesteps_when_configured(tmp_path, monkeypatch):
+    from pixsigma.diffusion.gaussian import GaussianDiffusion
+    from pixsigma.train.loop import train
+
+    seen = []
+    original = GaussianDiffusion.training_loss
+
+    def spy(self, model, x0, t, noise, kwargs):
+        seen.append(t.clone())
+        return original(self, model, x0, t, noise, kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", spy)
+    cache = synthetic_cache(tmp_path / "cache")
+    cfg = tiny_config(tmp_path, cache, schedule={"max_steps": 6, "log_every": 3, "batch_size": 16,
+                                                 "timestep_sampling": "logit_normal", "timestep_logit_std": 0.1})
+    train(cfg)
+    t = torch.cat(seen).float()
+    assert len(seen) == 6 and 400 < t.min() and t.max() < 600  # sigmoid(0 ± 4·0.1) · 1000 ∈ (401, 599)
+    with pytest.raises(PixsigmaError, match="schedule.timestep_sampling"):
+        tiny_config(tmp_path, cache, schedule={"timestep_sampling": "beta"}).validate()
+
+
 def test_eps_model_fine_tuned_to_v_prediction_learns_and_exports_it(tmp_path):
     """init_from an ε checkpoint + overrides.prediction_type = v_prediction trains toward v: its v loss
     falls and ends far below that of the same run kept on ε (and the other way round for the ε

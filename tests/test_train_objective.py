@@ -133,3 +133,25 @@ def test_v_prediction_loss_targets_v_and_keeps_the_vb_of_the_implied_eps():
     np.testing.assert_allclose(terms.vb.double().numpy(), ref - ref_mse, rtol=2e-3, atol=2e-4)
     with pytest.raises(PixsigmaError, match="prediction_type 'sample' is not supported"):
         GaussianDiffusion(prediction_type="sample")
+
+
+def test_logit_normal_timesteps_follow_their_cdf_and_uniform_is_unchanged():
+    import pytest
+
+    from pixsigma.errors import PixsigmaError
+
+    n, T = 200_000, 1000
+    d = GaussianDiffusion(timestep_sampling="logit_normal", logit_mean=-0.3, logit_std=0.8)
+    t = d.sample_timesteps(n, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    for k in (100, 300, 500, 700, 900):  # P(t < k) = Φ((logit(k / T) − m) / s)
+        z = (math.log(k / (T - k)) + 0.3) / 0.8
+        cdf = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+        assert abs(float((t < k).double().mean()) - cdf) < 0.005, k
+    # uniform stays torch.randint on the same generator (earlier runs resume bit-identically)
+    u = GaussianDiffusion().sample_timesteps(64, torch.Generator().manual_seed(3))
+    assert torch.equal(u, torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(PixsigmaError, match="timestep_sampling 'lognormal' is not supported"):
+        GaussianDiffusion(timestep_sampling="lognormal")
+    with pytest.raises(PixsigmaError, match="logit_std must be positive"):
+        GaussianDiffusion(timestep_sampling="logit_normal", logit_std=0.0)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.diffusion.gaussian import TIMESTEP_SAMPLINGS
 
 # The paper's stages (Table 4): base resolution, steps, per-GPU batch × GPUs, learning rate.
 STAGES: dict[str, dict] = {
@@ -93,6 +94,9 @@ class ScheduleSection:
     num_timesteps: int = 1000
     snr_gamma: float | None = None  # min-SNR-γ weighting of the MSE term
     x0_weight_cap: float | None = None  # MSE weighted by clamp(1/SNR, 1, cap), mean 1: emphasizes noisy steps
+    timestep_sampling: str = "uniform"  # uniform | logit_normal: t = T·sigmoid(mean + std·N(0, 1))
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     log_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (CPU runs are then bit-reproducible)
 
@@ -175,6 +179,8 @@ class TrainConfig:
             raise PixsigmaError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
         if len(self.optim.betas) not in (2, 3) or len(self.optim.eps) not in (1, 2):
             raise PixsigmaError("optim.betas needs 2 (AdamW) or 3 (CAME) values and optim.eps 1 or 2")
+        one_of("schedule.timestep_sampling", self.schedule.timestep_sampling, TIMESTEP_SAMPLINGS)
+        positive("schedule.timestep_logit_std", self.schedule.timestep_logit_std)
         for key in ("max_steps", "batch_size", "grad_accum", "num_timesteps", "log_every"):
             positive(f"schedule.{key}", getattr(self.schedule, key))
         positive("checkpointing.every", self.checkpointing.every, True)

@@ -119,7 +119,7 @@ def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, gene
     gb, sl = b * world, slice(rank * b, (rank + 1) * b)
     shape = (gb, *mean.shape[1:])
     xi = torch.randn(shape, generator=generator)[sl]
-    t = torch.randint(0, diffusion.num_timesteps, (gb,), generator=generator)[sl]
+    t = diffusion.sample_timesteps(gb, generator)[sl]
     noise = torch.randn(shape, generator=generator)[sl]
     drop = (torch.rand(gb, generator=generator) < caption_dropout)[sl]
     x0 = scale_latents(mean + std * xi, vae).to(device)
@@ -311,7 +311,9 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
     diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma,
-                                 x0_weight_cap=cfg.schedule.x0_weight_cap, prediction_type=mc.prediction_type)
+                                 x0_weight_cap=cfg.schedule.x0_weight_cap, prediction_type=mc.prediction_type,
+                                 timestep_sampling=cfg.schedule.timestep_sampling, logit_mean=cfg.schedule.timestep_logit_mean,
+                                 logit_std=cfg.schedule.timestep_logit_std)
 
     step, epoch, index = 0, 0, 0
     if resume:
