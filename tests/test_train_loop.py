@@ -170,7 +170,7 @@ def test_config_unknown_key_and_set(tmp_path):
 def test_example_configs_parse():
     from pathlib import Path
 
-    files = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+    files = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.toml"))  # configs/toy/ too
     assert len(files) >= len(STAGES)
     for f in files:
         load_config(f)
