@@ -31,7 +31,9 @@ Training timesteps are uniform over [0, num_timesteps), or with `timestep_sampli
 "logit_normal" t = floor(T · sigmoid(m + s·n)), n ~ N(0, 1) (SD3's sampling density): more of the
 batch lands on the middle of the schedule, where an image's shapes are decided (on the toy model
 the x0 it predicts from a training latent is a crisp shape at t = 200 and a blob of the right
-color by t = 400-600), and less on the nearly clean and the pure-noise ends.
+color by t = 400-600), and less on the nearly clean and the pure-noise ends. Measured on the toy
+model (1,200 fine-tune steps each, mean 0, std 1) it read held-out single-object shape 28.6%
+against uniform's 34.2%, so the shipped recipe keeps uniform timesteps.
 """
 
 from __future__ import annotations

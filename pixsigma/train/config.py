@@ -28,8 +28,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixsigma.errors import PixsigmaError
 from pixsigma.diffusion.gaussian import TIMESTEP_SAMPLINGS
+from pixsigma.errors import PixsigmaError
 
 # The paper's stages (Table 4): base resolution, steps, per-GPU batch × GPUs, learning rate.
 STAGES: dict[str, dict] = {
