@@ -12,6 +12,7 @@ from pixsigma.errors import PixsigmaError
 from pixsigma.toy import evaluate as E
 from pixsigma.toy import prompts as P
 from pixsigma.toy import render as R
+from pixsigma.data.datasets import CaptionDataset
 
 
 def _scenes(n, seed=11, kind=None):
@@ -317,7 +318,13 @@ def test_write_dataset(tmp_path):
         with Image.open(tmp_path / rec["path"]) as im:
             assert im.size == (32, 32)
             assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(img))
+        with Image.open(tmp_path / rec["loss_mask"]) as m:  # the object mask: exactly where the image is off-background
+            mask = np.asarray(m)
+        assert m.mode == "L" and mask.shape == (32, 32) and mask.max() == 255
+        off = np.abs(np.asarray(img, dtype=int) - np.asarray(P.BACKGROUNDS[scene.background])).max(axis=2) > 0
+        assert (mask > 0)[off].all() and off[mask >= 128].all()  # (a sliver of coverage may round to the background)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+    assert len(CaptionDataset(str(tmp_path))) == 6 and CaptionDataset(str(tmp_path))[0].loss_mask.endswith("0000000.mask.png")
     report = E.evaluate_folder(str(tmp_path))
     assert report["n_scored"] == 6 and report["overall"] == 1.0
 

@@ -57,6 +57,16 @@ def test_layouts_and_skips(tmp_path):
         CaptionDataset(tmp_path / "nope")
 
 
+def test_folder_layout_pairs_object_masks_and_does_not_take_them_for_images(tmp_path):
+    for name in ("a", "b"):
+        _png(tmp_path / f"{name}.png", 16, 16)
+        (tmp_path / f"{name}.txt").write_text(f"a {name}")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "a.mask.png")
+    ds = CaptionDataset(tmp_path)
+    assert [s.prompt for s in ds.samples] == ["a a", "a b"]
+    assert ds[0].loss_mask == str((tmp_path / "a.mask.png").resolve()) and ds[1].loss_mask is None
+
+
 def test_long_caption_choice_is_deterministic():
     picks = [use_long_caption(3, 0, i, 0.6) for i in range(2000)]
     assert picks == [use_long_caption(3, 0, i, 0.6) for i in range(2000)]
@@ -131,6 +141,11 @@ def _toy_dataset(folder, n=6):
         _png(folder / f"{i}.png", h, w, i)
         recs.append({"path": f"{i}.png", "height": h, "width": w, "ratio": h / w, "prompt": f"a red cat {i}",
                      "sharegpt4v": f"a photo of a red cat sitting on a wooden table number {i}"})
+        if i != 1:  # object masks (a box whose place depends on i) on all but one sample
+            m = np.zeros((h, w), np.uint8)
+            m[4 + i: 20 + i, 2 * i: 2 * i + 12] = 255
+            Image.fromarray(m).save(folder / f"{i}.mask.png")
+            recs[-1]["loss_mask"] = f"{i}.mask.png"
     return recs
 
 
@@ -153,6 +168,14 @@ def test_cache_matches_raw_training(tmp_path, encoders):
     assert again.get("shards_written", 0) == 0 and again["shards_already_done"] == 3  # resumable
     cache = FeatureCache(tmp_path / "cache")
     assert len(cache.index) == 6 and cache.shape[0] == (6, 12)  # 32x64 → bin 24x48 px (256 table / 8, multiples of 8)
+    # object masks: cropped like their image, averaged over each 4×4 latent cell; sample 1 has none
+    assert cache.masked == 5 and cache.get(1)["loss_mask"] is None
+    m2 = cache.get(2)["loss_mask"]
+    # sample 2's box: pixel rows 6..21 and columns 4..15 → latent rows 2..4 full, 1 and 5 half, columns 1..3
+    assert m2.shape == (1, 8, 8) and m2.sum() * 16 == pytest.approx(16 * 12) and m2[0, 2:5, 1:4].min() == 1
+    assert m2[0, 1, 1] == pytest.approx(0.5) and m2[0, 5, 3] == pytest.approx(0.5) and m2[0, 0].sum() == 0
+    m0 = cache.get(0)["loss_mask"]  # 32x64 → cover-resized to 24x48 and cropped: the box shrinks by 3/4
+    assert m0.shape == (1, 6, 12) and m0.sum() * 16 == pytest.approx(16 * 12 * 0.75 ** 2, rel=0.1)
 
     (data / "broken.png").unlink()  # the raw run sees the same 6 samples
     recs.pop()
@@ -160,7 +183,7 @@ def test_cache_matches_raw_training(tmp_path, encoders):
     base = {"model": {"preset": "tiny", "overrides": {"caption_channels": 32, "max_caption_tokens": 16}},
             "data": {"path": str(data), "resolution": 32},
             "optim": {"name": "adamw", "lr": 1e-3, "warmup_steps": 0, "ema_decay": 0.0},
-            "schedule": {"max_steps": 3, "batch_size": 2, "log_every": 1, "deterministic": True},
+            "schedule": {"max_steps": 3, "batch_size": 2, "log_every": 1, "deterministic": True, "object_loss_weight": 4.0},
             "checkpointing": {"every": 0, "export": "model"}, "output": {"tensorboard": False}}
     raw_cfg = config_from_dict(base, [f"output.dir='{tmp_path / 'raw'}'", "validation.every=3", "validation.steps=2",
                                       "validation.prompts=['a red cat']", "validation.seeds=[0]"])
@@ -170,7 +193,11 @@ def test_cache_matches_raw_training(tmp_path, encoders):
     read = lambda d: [json.loads(l)["loss"] for l in open(d / "log.jsonl") if '"loss"' in l]
     raw_losses, cached_losses = read(tmp_path / "raw"), read(tmp_path / "cached")
     assert len(raw_losses) == 3
-    np.testing.assert_allclose(cached_losses, raw_losses, rtol=1e-5)
+    np.testing.assert_allclose(cached_losses, raw_losses, rtol=1e-5)  # the same masks reached both losses
+    plain_cfg = config_from_dict(base, [f"output.dir='{tmp_path / 'plain'}'", f"data.cache_dir='{tmp_path / 'cache'}'",
+                                        "schedule.object_loss_weight=1.0"])
+    train(plain_cfg)
+    assert not np.allclose(read(tmp_path / "plain"), cached_losses, rtol=1e-3)  # and they changed the loss
     grid = tmp_path / "raw" / "validation" / "step-00000003.png"
     assert grid.is_file() and Image.open(grid).size == (32, 32)  # sampled through SigmaPipeline
 

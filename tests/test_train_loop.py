@@ -99,9 +99,9 @@ def test_trainer_draws_logit_normal_timesteps_when_configured(tmp_path, monkeypa
     seen = []
     original = GaussianDiffusion.training_loss
 
-    def spy(self, model, x0, t, noise, kwargs):
+    def spy(self, model, x0, t, noise, kwargs, weight=None):
         seen.append(t.clone())
-        return original(self, model, x0, t, noise, kwargs)
+        return original(self, model, x0, t, noise, kwargs, weight)
 
     monkeypatch.setattr(GaussianDiffusion, "training_loss", spy)
     cache = synthetic_cache(tmp_path / "cache")
@@ -112,6 +112,18 @@ def test_trainer_draws_logit_normal_timesteps_when_configured(tmp_path, monkeypa
     assert len(seen) == 6 and 400 < t.min() and t.max() < 600  # sigmoid(0 ± 4·0.1) · 1000 ∈ (401, 599)
     with pytest.raises(PixsigmaError, match="schedule.timestep_sampling"):
         tiny_config(tmp_path, cache, schedule={"timestep_sampling": "beta"}).validate()
+
+
+def test_object_loss_weight_needs_masks_and_rejects_bad_settings(tmp_path):
+    from pixsigma.train.loop import train
+
+    cache = synthetic_cache(tmp_path / "cache")  # no loss masks
+    with pytest.raises(PixsigmaError, match="object_loss_weight = 4 needs object masks"):
+        train(tiny_config(tmp_path, cache, schedule={"object_loss_weight": 4.0}))
+    with pytest.raises(PixsigmaError, match="schedule.object_loss_weight must be >= 1"):
+        tiny_config(tmp_path, cache, schedule={"object_loss_weight": 0.5}).validate()
+    with pytest.raises(PixsigmaError, match="schedule.object_mask_margin"):
+        tiny_config(tmp_path, cache, schedule={"object_mask_margin": -1}).validate()
 
 
 def test_eps_model_fine_tuned_to_v_prediction_learns_and_exports_it(tmp_path):

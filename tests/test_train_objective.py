@@ -155,3 +155,34 @@ def test_logit_normal_timesteps_follow_their_cdf_and_uniform_is_unchanged():
         GaussianDiffusion(timestep_sampling="lognormal")
     with pytest.raises(PixsigmaError, match="logit_std must be positive"):
         GaussianDiffusion(timestep_sampling="logit_normal", logit_std=0.0)
+
+
+def test_object_weighted_mse_pays_more_where_the_mask_is_and_keeps_its_scale():
+    from pixsigma.train.loop import object_weights
+
+    d = GaussianDiffusion(learn_sigma=True)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 700])
+    xt = d.q_sample(x0, t, noise)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:4, 2:4] = 1.0  # a 2×2-cell object
+    weight = object_weights(mask, 5.0, margin=1)  # grown to 4×4 cells: weight 5 there, 1 on the other 48
+    assert weight.shape == (2, 1, 8, 8) and weight.sum().item() == 2 * (16 * 5 + 48)
+    assert object_weights(mask, 1.0, 1) is None and object_weights(None, 5.0, 1) is None
+    assert torch.equal(object_weights(mask, 3.0, margin=0), 1 + 2 * mask)
+
+    def mse(err_in_object: float, err_outside: float, w):
+        pred = noise.clone()  # ε̂ = ε + error: the squared error is err² where it is put
+        inside = weight.expand_as(noise) > 1
+        pred[inside] += err_in_object
+        pred[~inside] += err_outside
+        out = torch.cat([pred, torch.zeros_like(pred)], 1)
+        return d.loss_terms(out, x0, xt, t, noise, w).mse
+
+    plain = mse(1.0, 1.0, None)
+    torch.testing.assert_close(mse(1.0, 1.0, weight), plain)  # a uniform error costs what it did
+    torch.testing.assert_close(mse(1.0, 1.0, torch.ones(2, 1, 8, 8)), plain)
+    # an error only inside the weighted 16 cells: 16/64 of the plain loss, times 5 / mean weight (128/64)
+    torch.testing.assert_close(mse(1.0, 0.0, weight), plain * (16 / 64) * 5 / 2)
+    torch.testing.assert_close(mse(0.0, 1.0, weight), plain * (48 / 64) * 1 / 2)

@@ -6,8 +6,9 @@ Cache layout (one folder per dataset × base resolution × VAE × text encoder):
   shard size.
 - `shard-NNNNN.safetensors`: samples [N·shard_size, (N+1)·shard_size) of the dataset; tensors
   `{i}.mean`, `{i}.std` (the VAE posterior's mean and std, *unscaled*, at the sample's bin size)
-  and `{i}.short`, `{i}.long` (text-encoder states of the valid caption tokens only); its metadata
-  lists the indices present and those skipped (corrupt images).
+  and `{i}.short`, `{i}.long` (text-encoder states of the valid caption tokens only), and
+  `{i}.loss_mask` (1, h, w) when the sample has an object mask (its coverage of each latent cell);
+  its metadata lists the indices present and those skipped (corrupt images).
 - `STALE` (optional): written by `pixsigma adapt vae`; names the new VAE. Training refuses a stale
   cache.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pixsigma.data.buckets import assign_bins
-from pixsigma.data.datasets import CaptionDataset, load_image, use_long_caption
+from pixsigma.data.datasets import CaptionDataset, load_image, load_loss_mask, use_long_caption
 from pixsigma.errors import PixsigmaError
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,11 @@ def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, reso
                     present.append(i)
                 for jj, j in enumerate(long_pos):
                     tensors[f"{chunk[j]}.long"] = _valid_tokens(emb_l[jj], mask_l[jj]).cpu().to(store).contiguous()
+                for i in chunk:
+                    m = _try_loss_mask(dataset[i], bh, bw, info["factor"])
+                    if m is not None:
+                        tensors[f"{i}.loss_mask"] = m.to(store).contiguous()
+                        summary["loss_masks"] += 1
         path = cache_dir / shard_name(k)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"indices": json.dumps(sorted(present)), "skipped": json.dumps(sorted(skipped))})
@@ -235,7 +241,8 @@ def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, reso
 
 def write_cache(cache_dir, samples: list[dict], resolution: int, vae: dict, max_length: int, shard_size: int = 256,
                 dtype: str = "float32", fingerprint: str = "synthetic") -> Path:
-    """A cache from ready tensors: samples[i] = {mean, std (C, h, w), short (n, C'), long (m, C') or None}.
+    """A cache from ready tensors: samples[i] = {mean, std (C, h, w), short (n, C'), long (m, C') or None,
+    optionally loss_mask (1, h, w)}.
 
     For tests and benchmarks (no images, encoders or VAE involved); `vae` is a `vae_info` dict.
     """
@@ -251,7 +258,7 @@ def write_cache(cache_dir, samples: list[dict], resolution: int, vae: dict, max_
         tensors, idx = {}, list(range(k * shard_size, min((k + 1) * shard_size, len(samples))))
         for i in idx:
             s = samples[i]
-            for key in ("mean", "std", "short", "long"):
+            for key in ("mean", "std", "short", "long", "loss_mask"):
                 if s.get(key) is not None:
                     tensors[f"{i}.{key}"] = s[key].to(store).contiguous()
         path = cache_dir / shard_name(k)
@@ -299,9 +306,11 @@ class FeatureCache:
         self.index: list[int] = []
         self.shape: dict[int, tuple[int, int]] = {}
         self.skipped = 0
+        self.masked = 0  # samples with a loss mask
         for k in range(n_shards):
             with safe_open(str(self.dir / shard_name(k)), framework="pt") as f:
                 md = f.metadata() or {}
+                self.masked += sum(key.endswith(".loss_mask") for key in f.keys())
                 present = json.loads(md.get("indices", "[]"))
                 self.skipped += len(json.loads(md.get("skipped", "[]")))
                 for i in present:
@@ -330,12 +339,32 @@ class FeatureCache:
 
     def get(self, i: int) -> dict:
         s = self._shard(i)
-        return {"mean": s[f"{i}.mean"], "std": s[f"{i}.std"], "short": s[f"{i}.short"], "long": s.get(f"{i}.long")}
+        return {"mean": s[f"{i}.mean"], "std": s[f"{i}.std"], "short": s[f"{i}.short"], "long": s.get(f"{i}.long"),
+                "loss_mask": s.get(f"{i}.loss_mask")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Training sources: both return the same batch dict for the same samples
 # ---------------------------------------------------------------------------------------------
+
+
+def _try_loss_mask(sample, height: int, width: int, factor: int) -> torch.Tensor | None:
+    """The sample's loss mask on the latent grid, or None (no mask; an unreadable one is warned about)."""
+    if sample.loss_mask is None:
+        return None
+    try:
+        return load_loss_mask(sample.loss_mask, height, width, factor)
+    except Exception as e:  # noqa: BLE001 - a bad mask only loses the weighting of its sample
+        log.warning("unreadable loss mask %s (%s): that sample trains unweighted", sample.loss_mask, " ".join(str(e).split())[:120])
+        return None
+
+
+def _stack_loss_masks(masks: list, latents: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, h, w) masks, zeros (no weighting) for samples without one; None when none has one."""
+    if all(m is None for m in masks):
+        return None
+    zero = torch.zeros(1, *latents.shape[-2:])
+    return torch.stack([zero if m is None else m.float() for m in masks])
 
 
 class CachedSource:
@@ -346,6 +375,7 @@ class CachedSource:
         self.caption_length = caption_length
         self.ratio, self.seed = long_caption_ratio, seed
         self.vae = cache.vae
+        self.masked = cache.masked
 
     def __len__(self) -> int:
         return len(self.cache.index)
@@ -363,8 +393,9 @@ class CachedSource:
             use_long = d["long"] is not None and use_long_caption(self.seed, epoch, i, self.ratio)
             captions.append(d["long"] if use_long else d["short"])
         emb, mask = pad_captions(captions, self.caption_length)
-        return {"mean": torch.stack([d["mean"].float() for d in items]), "std": torch.stack([d["std"].float() for d in items]),
-                "caption": emb, "mask": mask}
+        mean = torch.stack([d["mean"].float() for d in items])
+        return {"mean": mean, "std": torch.stack([d["std"].float() for d in items]), "caption": emb, "mask": mask,
+                "loss_mask": _stack_loss_masks([d["loss_mask"] for d in items], mean)}
 
 
 class RawSource:
@@ -378,6 +409,7 @@ class RawSource:
         self.ratio, self.seed = long_caption_ratio, seed
         self.bins = assign_bins([dataset.size_of(i) for i in range(len(dataset))], resolution, multiple)
         self.factor = self.vae["factor"]
+        self.masked = sum(s.loss_mask is not None for s in dataset.samples)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -386,10 +418,11 @@ class RawSource:
         return [(h // self.factor, w // self.factor) for h, w in self.bins]
 
     def fetch(self, positions: list[int], epoch: int) -> dict:
-        images, prompts = [], []
+        images, prompts, masks = [], [], []
         for i in positions:
             s = self.dataset[i]
             h, w = self.bins[i]
+            masks.append(_try_loss_mask(s, h, w, self.factor))
             try:
                 images.append(load_image(s.path, h, w))
             except Exception as e:  # noqa: BLE001 - keep the batch shape: a black image, with a warning
@@ -401,7 +434,7 @@ class RawSource:
         emb, mask = self.text_encoder.encode(prompts, self.caption_length)
         valid = [_valid_tokens(e.cpu(), m.cpu()) for e, m in zip(emb, mask)]
         emb, mask = pad_captions(valid, self.caption_length)
-        return {"mean": mean.cpu(), "std": std.cpu(), "caption": emb, "mask": mask}
+        return {"mean": mean.cpu(), "std": std.cpu(), "caption": emb, "mask": mask, "loss_mask": _stack_loss_masks(masks, mean)}
 
 
 # ---------------------------------------------------------------------------------------------

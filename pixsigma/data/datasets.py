@@ -5,9 +5,12 @@ Layouts (`layout="auto"` picks by what the path is):
   prompt, and a long caption under `long_caption_key`, e.g. "sharegpt4v"); image paths are
   relative to the JSON's folder (or `image_root`). The path may be the JSON or its folder.
 - folder: images (png/jpg/jpeg/webp/bmp) with a caption in `NAME.txt` beside each; a long
-  caption, when present, in `NAME.long.txt`.
+  caption, when present, in `NAME.long.txt`; an object mask, when present, in `NAME.mask.png`.
 - jsonl: one JSON object per line with path, prompt and optionally the long caption key
   (`long_prompt` is accepted too); paths relative to the manifest's folder.
+
+Any record may name a `loss_mask`: a grayscale image the size of the picture, white where the
+objects are. Training can weight the diffusion loss there (`schedule.object_loss_weight`).
 
 Records are sorted by path so indices are stable. Records with a missing image file, no
 usable caption, an unreadable JSON line or an aspect ratio beyond `max_aspect_ratio` (either way)
@@ -39,6 +42,7 @@ class Sample:
     long_prompt: str | None  # dense caption (Share-Captioner / sharegpt4v), if any
     height: int | None = None  # from the metadata, or read from the image header lazily
     width: int | None = None
+    loss_mask: str | None = None  # absolute path of a grayscale object mask (white = object), if any
 
 
 def use_long_caption(seed: int, epoch: int, index: int, ratio: float) -> bool:
@@ -128,7 +132,9 @@ class CaptionDataset:
         h, w = rec.get("height"), rec.get("width")
         h = int(h) if isinstance(h, (int, float)) and h > 0 else None
         w = int(w) if isinstance(w, (int, float)) and w > 0 else None
-        return Sample(self._resolve(rec["path"], base), prompt or long_prompt, long_prompt, h, w)
+        mask = rec.get("loss_mask")
+        mask = self._resolve(mask, base) if isinstance(mask, str) and mask else None
+        return Sample(self._resolve(rec["path"], base), prompt or long_prompt, long_prompt, h, w, mask)
 
     def _read_data_info(self):
         info = self.path if self.path.is_file() else self.path / "data_info.json"
@@ -160,7 +166,7 @@ class CaptionDataset:
 
     def _read_folder(self):
         for img in sorted(self.path.rglob("*")):
-            if img.suffix.lower() not in IMAGE_EXTENSIONS or not img.is_file():
+            if img.suffix.lower() not in IMAGE_EXTENSIONS or not img.is_file() or img.name.lower().endswith(".mask.png"):
                 continue
             txt, long_txt = img.with_suffix(".txt"), img.with_suffix(".long.txt")
             prompt = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
@@ -168,7 +174,9 @@ class CaptionDataset:
             if not prompt and not long_prompt:
                 self._skip("empty caption", str(img))
                 continue
-            yield Sample(str(img.resolve()), prompt or long_prompt, long_prompt or None)
+            mask = img.with_name(img.stem + ".mask.png")
+            yield Sample(str(img.resolve()), prompt or long_prompt, long_prompt or None,
+                         loss_mask=str(mask.resolve()) if mask.is_file() else None)
 
     # -- filtering -------------------------------------------------------------------------------
     def _keep(self, s: Sample) -> bool:
@@ -207,19 +215,34 @@ class CaptionDataset:
         return self.samples[i]
 
 
-def load_image(path: str, height: int, width: int):
-    """Decode, resize to cover (height, width), center-crop → (3, H, W) float tensor in [-1, 1]."""
+def _cover_crop(path: str, height: int, width: int, mode: str):
+    """Decode in `mode`, resize to cover (height, width), center-crop → float32 array in [0, 255]."""
     import numpy as np
-    import torch
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = im.convert(mode)
         scale = max(height / im.height, width / im.width)
         rh, rw = max(height, round(im.height * scale)), max(width, round(im.width * scale))
         if (rh, rw) != (im.height, im.width):
             im = im.resize((rw, rh), Image.BICUBIC)
         top, left = (rh - height) // 2, (rw - width) // 2
         im = im.crop((left, top, left + width, top + height))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        return np.asarray(im, dtype=np.float32)
+
+
+def load_image(path: str, height: int, width: int):
+    """Decode, resize to cover (height, width), center-crop → (3, H, W) float tensor in [-1, 1]."""
+    import torch
+
+    arr = _cover_crop(path, height, width, "RGB") / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def load_loss_mask(path: str, height: int, width: int, factor: int):
+    """An object mask cropped as `load_image` crops its picture, then averaged over each latent
+    cell (factor × factor pixels) → (1, H / factor, W / factor) float tensor in [0, 1]."""
+    import torch
+
+    arr = torch.from_numpy(_cover_crop(path, height, width, "L").copy()) / 255.0
+    return torch.nn.functional.avg_pool2d(arr[None, None].clamp(0, 1), factor)[0]

@@ -194,8 +194,12 @@ class GaussianDiffusion:
 
     # -- the objective ---------------------------------------------------------------------------
     def loss_terms(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
-                   t: torch.Tensor, noise: torch.Tensor) -> LossTerms:
-        """Hybrid loss from a model output (B, 2C, H, W) = [ε̂, v] (or (B, C, H, W) without learned σ)."""
+                   t: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> LossTerms:
+        """Hybrid loss from a model output (B, 2C, H, W) = [ε̂, v] (or (B, C, H, W) without learned σ).
+
+        weight: optional (B, 1, H, W) spatial weights of the MSE term, each sample's scaled to mean 1
+        (so the loss keeps its scale and only where it is paid changes); the VB term is unweighted.
+        """
         out = model_output.float()
         x_start, x_t, noise = x_start.float(), x_t.float(), noise.float()
         c = x_start.shape[1]
@@ -211,7 +215,11 @@ class GaussianDiffusion:
             target = a * noise - s * x_start
         else:
             target = noise
-        mse = _mean_flat((target - pred) ** 2) * self.snr_weight(t)
+        sq = (target - pred) ** 2
+        if weight is not None:
+            weight = weight.float()
+            sq = sq * (weight / weight.mean(dim=(1, 2, 3), keepdim=True))
+        mse = _mean_flat(sq) * self.snr_weight(t)
         if v is None:
             zero = torch.zeros_like(mse)
             return LossTerms(loss=mse, mse=mse, vb=zero)
@@ -224,8 +232,8 @@ class GaussianDiffusion:
         return LossTerms(loss=mse + vb, mse=mse, vb=vb)
 
     def training_loss(self, model, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                      model_kwargs: dict | None = None) -> LossTerms:
+                      model_kwargs: dict | None = None, weight: torch.Tensor | None = None) -> LossTerms:
         """Noise x_0 to x_t, run `model(x_t, t, **model_kwargs)` and return the loss terms."""
         x_t = self.q_sample(x_start, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
-        return self.loss_terms(out, x_start, x_t, t, noise)
+        return self.loss_terms(out, x_start, x_t, t, noise, weight)

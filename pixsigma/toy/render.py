@@ -136,16 +136,12 @@ def _validate_scene(scene: Scene) -> None:
             raise PixsigmaError(f"object size {o.size!r} out of range; expected a fraction of the image side in (0, 1]")
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
-    """Draw a scene as an RGB image of ``size x size`` pixels (anti-aliased by supersampling)."""
-    size = _check_size(size)
-    _validate_scene(scene)
-    ss = max(int(supersample), 1)
-    big = size * ss
-    img = Image.new("RGB", (big, big), P.BACKGROUNDS[scene.background])
+def _draw_objects(img: Image.Image, scene: Scene, fill_of) -> None:
+    """Draw the scene's objects onto `img` (the supersampled canvas), each in `fill_of(object)`."""
     draw = ImageDraw.Draw(img)
+    big = img.width
     for o in scene.objects:
-        fill = P.COLORS[o.color]
+        fill = fill_of(o)
         half = o.size * big / 2.0
         cx, cy = o.x * big, o.y * big
         # PIL treats the second corner as inclusive: subtract one supersampled pixel.
@@ -160,9 +156,27 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
             arm = CROSS_ARM * o.size * big / 2.0
             draw.rectangle([cx - arm, y0, cx + arm - 1, y1], fill=fill)
             draw.rectangle([x0, cy - arm, x1, cy + arm - 1], fill=fill)
-    if ss > 1:
-        img = img.resize((size, size), Image.BOX)
-    return img
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
+    """Draw a scene as an RGB image of ``size x size`` pixels (anti-aliased by supersampling)."""
+    size = _check_size(size)
+    _validate_scene(scene)
+    ss = max(int(supersample), 1)
+    img = Image.new("RGB", (size * ss, size * ss), P.BACKGROUNDS[scene.background])
+    _draw_objects(img, scene, lambda o: P.COLORS[o.color])
+    return img.resize((size, size), Image.BOX) if ss > 1 else img
+
+
+def render_mask(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
+    """The scene's object mask as an 8-bit grayscale image aligned with `render`: the fraction of
+    each pixel the objects cover (255 = inside an object, 0 = background)."""
+    size = _check_size(size)
+    _validate_scene(scene)
+    ss = max(int(supersample), 1)
+    img = Image.new("L", (size * ss, size * ss), 0)
+    _draw_objects(img, scene, lambda o: 255)
+    return img.resize((size, size), Image.BOX) if ss > 1 else img
 
 
 # --------------------------------------------------------------------------- placement
@@ -549,7 +563,8 @@ def write_dataset(
 
     ``data_info.json`` is a list of dicts with keys ``path`` (relative to ``folder``), ``height``,
     ``width``, ``ratio`` (height / width), ``prompt`` (short caption), ``sharegpt4v`` (long
-    caption) and ``scene`` (Scene.to_dict()). Files are written atomically.
+    caption), ``loss_mask`` (the object mask, ``images/NNNNNNN.mask.png``, for an object-weighted
+    diffusion loss) and ``scene`` (Scene.to_dict()). Files are written atomically.
     """
     size = _check_size(size)
     if not isinstance(n, (int, np.integer)) or n < 1:
@@ -570,9 +585,12 @@ def write_dataset(
     for i, (img, short, long_, scene) in enumerate(it):
         rel = f"images/{i:07d}.png"
         _atomic_write_bytes(os.path.join(folder, rel), lambda f, im=img: im.save(f, format="PNG"))
+        mask_rel = f"images/{i:07d}.mask.png"
+        mask = render_mask(scene, size)
+        _atomic_write_bytes(os.path.join(folder, mask_rel), lambda f, im=mask: im.save(f, format="PNG"))
         records.append({
             "path": rel, "height": size, "width": size, "ratio": float(size) / float(size),
-            "prompt": short, "sharegpt4v": long_, "scene": scene.to_dict(),
+            "prompt": short, "sharegpt4v": long_, "loss_mask": mask_rel, "scene": scene.to_dict(),
         })
     info_path = os.path.join(folder, "data_info.json")
     payload = json.dumps(records, indent=1).encode("utf-8")

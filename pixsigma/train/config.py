@@ -97,6 +97,11 @@ class ScheduleSection:
     timestep_sampling: str = "uniform"  # uniform | logit_normal: t = T·sigmoid(mean + std·N(0, 1))
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
+    # MSE weight of latent cells under a sample's object mask (data `loss_mask`), widened by
+    # object_mask_margin cells, relative to the rest; per sample the weights are scaled to mean 1.
+    # Shapes differ only in a rim of pixels, which a plain MSE pays little for. 1 = plain loss.
+    object_loss_weight: float = 1.0
+    object_mask_margin: int = 1
     log_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (CPU runs are then bit-reproducible)
 
@@ -181,6 +186,9 @@ class TrainConfig:
             raise PixsigmaError("optim.betas needs 2 (AdamW) or 3 (CAME) values and optim.eps 1 or 2")
         one_of("schedule.timestep_sampling", self.schedule.timestep_sampling, TIMESTEP_SAMPLINGS)
         positive("schedule.timestep_logit_std", self.schedule.timestep_logit_std)
+        if self.schedule.object_loss_weight < 1:
+            raise PixsigmaError(f"schedule.object_loss_weight must be >= 1 (1 = plain loss), got {self.schedule.object_loss_weight}")
+        positive("schedule.object_mask_margin", self.schedule.object_mask_margin, True)
         for key in ("max_steps", "batch_size", "grad_accum", "num_timesteps", "log_every"):
             positive(f"schedule.{key}", getattr(self.schedule, key))
         positive("checkpointing.every", self.checkpointing.every, True)

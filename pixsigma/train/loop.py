@@ -111,8 +111,19 @@ def ema_update(ema_params, params, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1.0 - decay)
 
 
+def object_weights(loss_mask: torch.Tensor | None, object_weight: float, margin: int) -> torch.Tensor | None:
+    """(B, 1, h, w) MSE weights: `object_weight` on latent cells an object covers or lies within
+    `margin` cells of, 1 elsewhere; None for a plain loss (weight 1 or no masks in the batch)."""
+    if loss_mask is None or object_weight == 1.0:
+        return None
+    m = loss_mask.float()
+    if margin > 0:  # the rim just outside an object decides its shape as much as the rim inside
+        m = torch.nn.functional.max_pool2d(m, 2 * margin + 1, stride=1, padding=margin)
+    return 1.0 + (object_weight - 1.0) * m
+
+
 def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, generator: torch.Generator, rank: int, world: int,
-               caption_dropout: float, device) -> torch.Tensor:
+               caption_dropout: float, device, object_weight: float = 1.0, object_margin: int = 1) -> torch.Tensor:
     """Mean hybrid loss of this rank's slice; every draw is made for the global batch."""
     mean, std = batch["mean"], batch["std"]
     b = mean.shape[0]
@@ -125,7 +136,9 @@ def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, gene
     x0 = scale_latents(mean + std * xi, vae).to(device)
     t, noise = t.to(device), noise.to(device)
     kwargs = {"caption": batch["caption"].to(device), "caption_mask": batch["mask"].to(device), "force_drop_ids": drop.to(device)}
-    return diffusion.training_loss(model, x0, t, noise, kwargs).loss.mean()
+    weight = object_weights(batch.get("loss_mask"), object_weight, object_margin)
+    weight = None if weight is None else weight.to(device)
+    return diffusion.training_loss(model, x0, t, noise, kwargs, weight).loss.mean()
 
 
 class DataPosition:
@@ -293,6 +306,12 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     else:
         dataset, text_encoder, vae = data
         source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed)
+    if cfg.schedule.object_loss_weight != 1.0:
+        if not source.masked:
+            raise PixsigmaError(f"schedule.object_loss_weight = {cfg.schedule.object_loss_weight:g} needs object masks, but the training "
+                                "data has none; give the dataset records a loss_mask and extract into a new cache folder")
+        if source.masked < len(source):
+            log.warning("%d of %d samples have no loss mask; they train with a plain loss", len(source) - source.masked, len(source))
     if source.vae["latent_channels"] != mc.in_channels:
         raise PixsigmaError(f"the VAE gives {source.vae['latent_channels']} latent channels but the model takes {mc.in_channels}")
     sampler = BucketBatchSampler(source.buckets(), cfg.schedule.batch_size, seed, rank, world, cfg.data.drop_last)
@@ -375,7 +394,8 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
             batch = source.fetch(positions, ep)
             sync = micro == accum - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)):
-                loss = batch_loss(model, diffusion, batch, source.vae, generator, rank, world, mc.caption_dropout, device)
+                loss = batch_loss(model, diffusion, batch, source.vae, generator, rank, world, mc.caption_dropout, device,
+                                  cfg.schedule.object_loss_weight, cfg.schedule.object_mask_margin)
                 acc.backward(loss / accum)
             total += loss.detach().float() / accum
         if clip > 0:
