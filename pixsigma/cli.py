@@ -161,6 +161,9 @@ def cmd_generate(args) -> int:
         raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
+    from pixsigma.eval.adherence import parse_guidance_interval
+
+    interval = parse_guidance_interval(args.guidance_interval)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     paths = _output_paths(args.output, len(prompts) * args.num)
     if not args.overwrite:
@@ -180,7 +183,7 @@ def cmd_generate(args) -> int:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=args.cfg,
                    height=height, width=width, num_images_per_prompt=args.num, generator=gens, sampler=sampler,
-                   output_type="pil", progress=True)
+                   output_type="pil", progress=True, guidance_interval=interval)
         for k, image in enumerate(out.images):
             params = {
                 "prompt": prompt, "negative": args.negative, "seed": seeds[k], "steps": steps, "cfg": args.cfg,
@@ -188,6 +191,8 @@ def cmd_generate(args) -> int:
                 "generated_size": f"{out.info['generated_width']}x{out.info['generated_height']}",
                 "model": pipe.name, "model_hash": model_hash, "dtype": args.dtype, "pixsigma": pixsigma.__version__,
             }
+            if "guidance_interval" in out.info:
+                params["guidance_interval"] = ",".join(f"{t:g}" for t in out.info["guidance_interval"])
             path = save_png(image, paths[index + k], params, overwrite=args.overwrite)
             log.info("wrote %s (seed %d, %dx%d)", path, seeds[k], image.width, image.height)
         index += args.num
@@ -202,6 +207,8 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image k uses seed + k); random if omitted")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (<= 1 disables guidance)")
+    p.add_argument("--guidance-interval", default=None, metavar="T_MIN,T_MAX",
+                   help="guide only at timesteps in this range (default: the model's; 0,999 = every step)")
     p.add_argument("--sampler", default="dpm-solver", help="dpm-solver | sa-solver | ddim | euler | iddpm")
     p.add_argument("--size", default=None, help="output size WIDTHxHEIGHT, e.g. 1024x768 (default: the model's resolution)")
     p.add_argument("--ar", default=None, help="aspect ratio H:W as in the official prompt syntax (e.g. 9:16 is landscape)")
@@ -358,6 +365,8 @@ def add_eval(sub) -> None:
     q.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--cfg", type=float, default=4.5)
+    q.add_argument("--guidance-interval", default=None, metavar="T_MIN,T_MAX",
+                   help="guide only at timesteps in this range (default: the model's; 0,999 = every step)")
     q.add_argument("--sampler", default="dpm-solver")
     q.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     q.add_argument("--batch-size", type=int, default=16)

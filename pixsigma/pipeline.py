@@ -50,22 +50,48 @@ class SigmaOutput:
     timings: dict = field(default_factory=dict)
 
 
-def guided_model_fn(transformer, context, guidance_scale: float | None, channels: int):
+def guided_model_fn(transformer, context, guidance_scale: float | None, channels: int,
+                    guidance_interval: tuple[float, float] | None = None):
     """The denoiser a sampler calls: one transformer forward per step. With guidance, the
     context holds [unconditional; conditional] captions and the latents are doubled, so both
     passes run as one batch; epsilon is guided, the learned variance taken from the conditional
-    pass."""
+    pass. guidance_interval = (t_min, t_max): guide only at timesteps in that closed range and
+    run the conditional pass alone elsewhere (guidance in a limited interval, Kynkäänniemi et al.
+    2024)."""
+    cond_context = None
+    if guidance_scale is not None and guidance_interval is not None:
+        from pixsigma.model.transformer import CaptionContext
+
+        n = context.kv[0][0].shape[0] // 2
+        cond_context = CaptionContext(kv=[(k[n:], v[n:]) for k, v in context.kv],
+                                      mask=None if context.mask is None else context.mask[n:])
+
     def model_fn(x, t):
-        x_in = torch.cat([x, x]) if guidance_scale is not None else x
+        guided = guidance_scale is not None and (
+            guidance_interval is None or guidance_interval[0] <= float(t) <= guidance_interval[1])
+        x_in = torch.cat([x, x]) if guided else x
         t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x_in.shape[0])
+        if not guided:
+            return transformer(x_in, t_in, context if cond_context is None else cond_context).float()
         out = transformer(x_in, t_in, context).float()
-        if guidance_scale is None:
-            return out
         uncond, cond = out.chunk(2)
         eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
         return torch.cat([eps, cond[:, channels:]], dim=1)
 
     return model_fn
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """(t_min, t_max) as floats, or None; a clear error for anything else."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise PixsigmaError(f"guidance interval {interval!r}: expected two timesteps (t_min, t_max)") from None
+    if not (0 <= lo <= hi and np.isfinite(hi)):
+        raise PixsigmaError(f"guidance interval {interval!r}: expected 0 <= t_min <= t_max (timesteps, 0..999)")
+    return lo, hi
 
 
 def compile_transformer(transformer):
@@ -101,7 +127,8 @@ def _load_transformer_from(path: Path, dtype, overrides: dict | None = None):
 
 class SigmaPipeline:
     def __init__(self, transformer, text_encoder: TextEncoder, vae: VAE, scheduler_config: dict | None = None,
-                 device="cpu", name: str = "pixsigma", null_caption_uncond: bool = False):
+                 device="cpu", name: str = "pixsigma", null_caption_uncond: bool = False,
+                 guidance_interval: tuple[float, float] | None = None):
         if transformer.config.caption_channels != text_encoder.hidden_size:
             raise PixsigmaError(
                 f"the transformer expects {transformer.config.caption_channels} caption channels but the text encoder "
@@ -120,6 +147,9 @@ class SigmaPipeline:
         # the default) or the model's null caption (the official sampler; set by a folder's
         # model_index.json "pixsigma_unconditional": "null_caption").
         self.null_caption_uncond = null_caption_uncond
+        # where guidance applies when a call names no interval (model_index.json
+        # "pixsigma_guidance_interval"; None: every step)
+        self.guidance_interval = check_guidance_interval(guidance_interval)
         self._hash = None
         self._compiled = None  # set by enable_compile()
 
@@ -211,14 +241,15 @@ class SigmaPipeline:
                 scheduler_config = json.loads(sched_file.read_text())
             except json.JSONDecodeError as e:
                 raise PixsigmaError(f"{sched_file}: not valid JSON ({e})") from None
-        null_uncond = False
-        index_file = folder / "model_index.json"
+        index, index_file = {}, folder / "model_index.json"
         if index_file.is_file():
             try:
-                null_uncond = json.loads(index_file.read_text()).get("pixsigma_unconditional") == "null_caption"
+                index = json.loads(index_file.read_text())
             except json.JSONDecodeError as e:
                 raise PixsigmaError(f"{index_file}: not valid JSON ({e})") from None
-        return cls(model, text, vae, scheduler_config, device=device, name=name, null_caption_uncond=null_uncond)
+        return cls(model, text, vae, scheduler_config, device=device, name=name,
+                   null_caption_uncond=index.get("pixsigma_unconditional") == "null_caption",
+                   guidance_interval=index.get("pixsigma_guidance_interval"))
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -274,12 +305,16 @@ class SigmaPipeline:
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1, generator=None,
                  latents: torch.Tensor | None = None, sampler: str = "dpm-solver", output_type: str = "pil",
                  use_resolution_binning: bool = True, callback=None, max_sequence_length: int | None = None,
-                 seed: int | None = None, progress: bool = False) -> SigmaOutput:
+                 seed: int | None = None, progress: bool = False,
+                 guidance_interval: tuple[float, float] | None = None) -> SigmaOutput:
         """Generate images. prompt: str or list (may be ""; inline "--ar h:w" / "--hw h:w" honored);
         negative_prompt: str or list (the unconditional branch); num_inference_steps: default
         per sampler (dpm-solver 20, sa-solver 25, iddpm 100); generator: a torch.Generator, or a
         list with one per image; seed: shortcut for a CPU generator; latents: initial standard
-        normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt | latent."""
+        normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt | latent;
+        guidance_interval: (t_min, t_max), guide only at timesteps in that range (0..999), run
+        the conditional pass alone elsewhere; None: the pipeline's default (every step unless
+        the model folder names an interval); (0, 999) guides every step."""
         timings = {}
         sampler = resolve_sampler(sampler)
         steps = int(num_inference_steps) if num_inference_steps is not None else default_steps(sampler)
@@ -293,6 +328,7 @@ class SigmaPipeline:
             raise PixsigmaError(f"guidance scale {guidance_scale!r} is not a number") from None
         if not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise PixsigmaError(f"guidance scale {guidance_scale} must be a finite number >= 0")
+        guidance_interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else self.guidance_interval
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise PixsigmaError("prompt must be a string or a non-empty list of strings")
@@ -344,7 +380,7 @@ class SigmaPipeline:
 
         # 2. denoise
         denoiser = self._compiled if self._compiled is not None else self.transformer
-        model_fn = guided_model_fn(denoiser, context, guidance_scale if cfg else None, c)
+        model_fn = guided_model_fn(denoiser, context, guidance_scale if cfg else None, c, guidance_interval)
         t0 = time.perf_counter()
         try:
             x = sample(model_fn, noise, sampler=sampler, steps=steps,
@@ -358,6 +394,8 @@ class SigmaPipeline:
         timings["denoise"] = time.perf_counter() - t0
         info = {"height": req_h, "width": req_w, "generated_height": gen_h, "generated_width": gen_w, "steps": steps,
                 "sampler": sampler, "guidance_scale": guidance_scale, "prompts": prompts, "negative_prompts": negatives}
+        if guidance_interval is not None:
+            info["guidance_interval"] = list(guidance_interval)
         if output_type == "latent":
             return SigmaOutput(images=x, info=info, timings=timings)
 

@@ -194,6 +194,42 @@ def test_cfg_is_one_batched_forward_with_one_caption_context(pipe, monkeypatch):
     assert calls == [1, 1]
 
 
+def test_guidance_interval_guides_only_inside_it(pipe, folder, tmp_path, monkeypatch):
+    """Guided steps inside the interval (one doubled batch), conditional-only steps outside it;
+    (0, 999) is plain guidance; an interval no step falls in is guidance off."""
+    kw = dict(num_inference_steps=4, seed=0, output_type="latent")
+    full = pipe("a red cat", **kw).images
+    torch.testing.assert_close(pipe("a red cat", guidance_interval=(0, 999), **kw).images, full, rtol=0, atol=0)
+    off = pipe("a red cat", guidance_scale=1.0, **kw).images
+    torch.testing.assert_close(pipe("a red cat", guidance_interval=(999.5, 999.9), **kw).images, off, rtol=1e-5, atol=1e-5)
+    calls, steps = [], []
+    forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, t, *a, **k: calls.append(x.shape[0]) or steps.append(int(t[0])) or forward(x, t, *a, **k))
+    half = pipe("a red cat", guidance_interval=(500, 999), **kw).images
+    assert [n for n in calls] == [2 if t >= 500 else 1 for t in steps] and 1 in calls and 2 in calls
+    assert not torch.allclose(half, full) and not torch.allclose(half, off)
+    monkeypatch.undo()
+    with pytest.raises(PixsigmaError, match="guidance interval"):
+        pipe("a red cat", guidance_interval=(600, 300), **kw)
+    # a model folder may name its default interval; a call can still ask for every step
+    import shutil
+
+    copy = tmp_path / "gi"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "pixsigma_guidance_interval": [500, 999]}))
+    p2 = SigmaPipeline.from_pretrained(copy, lowercase=True)
+    assert p2.guidance_interval == (500.0, 999.0)
+    torch.testing.assert_close(p2("a red cat", **kw).images, half, rtol=0, atol=0)
+    torch.testing.assert_close(p2("a red cat", guidance_interval=(0, 999), **kw).images, full, rtol=0, atol=0)
+    out = tmp_path / "gi.png"
+    res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(out), "--steps", "2", "--guidance-interval", "500,999")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert read_png_params(out)["guidance_interval"] == "500,999"
+    res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(out), "--guidance-interval", "500")
+    assert res.returncode == 2 and "T_MIN,T_MAX" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_negative_prompt_and_empty_prompt(pipe):
     base = pipe("a red cat", seed=0, num_inference_steps=3, output_type="latent").images
     neg = pipe("a red cat", negative_prompt="a blue house", seed=0, num_inference_steps=3, output_type="latent").images

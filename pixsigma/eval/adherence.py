@@ -40,7 +40,7 @@ def load_prompt_set(name_or_file: str) -> list[PromptItem]:
 
 def generate_for_prompts(pipe, items: list[PromptItem], seeds, steps: int = 20, guidance_scale: float = 4.5,
                          sampler: str = "dpm-solver", size: int | None = None, batch_size: int = 16,
-                         save_dir: Path | None = None):
+                         save_dir: Path | None = None, guidance_interval: tuple[float, float] | None = None):
     """Yield (image, prompt, category) for every prompt × seed; image i of a prompt uses its seed."""
     jobs = [(item, seed) for item in items for seed in seeds]
     if save_dir is not None:
@@ -49,7 +49,7 @@ def generate_for_prompts(pipe, items: list[PromptItem], seeds, steps: int = 20, 
         chunk = jobs[start:start + batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
         out = pipe([item.prompt for item, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                   sampler=sampler, height=size, width=size, generator=generators)
+                   sampler=sampler, height=size, width=size, generator=generators, guidance_interval=guidance_interval)
         for k, ((item, seed), image) in enumerate(zip(chunk, out.images)):
             if save_dir is not None:
                 image.save(save_dir / f"{start + k:05d}_s{seed}.png")
@@ -58,12 +58,31 @@ def generate_for_prompts(pipe, items: list[PromptItem], seeds, steps: int = 20, 
 
 def evaluate_model(pipe, prompt_set: str = "heldout", seeds=(0, 1, 2, 3), steps: int = 20, guidance_scale: float = 4.5,
                    sampler: str = "dpm-solver", size: int | None = None, batch_size: int = 16,
-                   save_dir: Path | None = None) -> dict:
+                   save_dir: Path | None = None, guidance_interval: tuple[float, float] | None = None) -> dict:
     items = load_prompt_set(prompt_set)
-    report = evaluate(generate_for_prompts(pipe, items, seeds, steps, guidance_scale, sampler, size, batch_size, save_dir))
+    report = evaluate(generate_for_prompts(pipe, items, seeds, steps, guidance_scale, sampler, size, batch_size, save_dir,
+                                           guidance_interval))
+    interval = guidance_interval or pipe.guidance_interval
     report["settings"] = {"prompt_set": prompt_set, "prompts": len(items), "seeds": list(seeds), "steps": steps,
-                          "guidance_scale": guidance_scale, "sampler": sampler, "size": size, "model": pipe.name}
+                          "guidance_scale": guidance_scale, "guidance_interval": list(interval) if interval else None,
+                          "sampler": sampler, "size": size, "model": pipe.name}
     return report
+
+
+def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
+    """--guidance-interval "T_MIN,T_MAX" → (t_min, t_max); None when not given."""
+    from pixsigma.pipeline import check_guidance_interval
+
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise PixsigmaError(f"--guidance-interval {text!r}: expected two timesteps T_MIN,T_MAX, e.g. 500,999")
+    return check_guidance_interval(values)
 
 
 def run_adherence(args) -> dict:
@@ -74,8 +93,9 @@ def run_adherence(args) -> dict:
     pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=args.dtype, text_dtype=torch.float32,
                                          vae_dtype=torch.float32)
     seeds = list(range(args.seeds))
+    interval = parse_guidance_interval(args.guidance_interval)
     report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,
-                            Path(args.save_images) if args.save_images else None)
+                            Path(args.save_images) if args.save_images else None, interval)
     report["settings"]["dtype"] = args.dtype
     print(format_table(report))
     if args.json:
