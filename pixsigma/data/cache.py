@@ -402,8 +402,9 @@ class RawSource:
     """Training batches encoded on the fly: image → VAE posterior, caption → text encoder."""
 
     def __init__(self, dataset: CaptionDataset, text_encoder, vae, resolution: int, multiple: int, caption_length: int,
-                 long_caption_ratio: float, seed: int):
+                 long_caption_ratio: float, seed: int, loss_masks: bool = True):
         self.dataset, self.text_encoder, self.vae_model = dataset, text_encoder, vae
+        self.loss_masks = loss_masks  # False: skip reading mask files (a plain loss needs none)
         self.vae = vae_info(vae)
         self.caption_length = caption_length
         self.ratio, self.seed = long_caption_ratio, seed
@@ -422,7 +423,7 @@ class RawSource:
         for i in positions:
             s = self.dataset[i]
             h, w = self.bins[i]
-            masks.append(_try_loss_mask(s, h, w, self.factor))
+            masks.append(_try_loss_mask(s, h, w, self.factor) if self.loss_masks else None)
             try:
                 images.append(load_image(s.path, h, w))
             except Exception as e:  # noqa: BLE001 - keep the batch shape: a black image, with a warning

@@ -305,7 +305,8 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
         text_encoder = vae = None
     else:
         dataset, text_encoder, vae = data
-        source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed)
+        source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed,
+                           loss_masks=cfg.schedule.object_loss_weight != 1.0)
     if cfg.schedule.object_loss_weight != 1.0:
         if not source.masked:
             raise PixsigmaError(f"schedule.object_loss_weight = {cfg.schedule.object_loss_weight:g} needs object masks, but the training "
