@@ -161,9 +161,9 @@ def cmd_generate(args) -> int:
         raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
-    from pixsigma.eval.adherence import parse_guidance_interval
+    from pixsigma.pipeline import check_guidance_interval
 
-    interval = parse_guidance_interval(args.guidance_interval)
+    interval = check_guidance_interval(args.guidance_interval)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     paths = _output_paths(args.output, len(prompts) * args.num)
     if not args.overwrite:

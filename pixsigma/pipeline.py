@@ -82,13 +82,14 @@ def guided_model_fn(transformer, context, guidance_scale: float | None, channels
 
 
 def check_guidance_interval(interval) -> tuple[float, float] | None:
-    """(t_min, t_max) as floats, or None; a clear error for anything else."""
+    """(t_min, t_max) as floats from a pair or a "T_MIN,T_MAX" string (the CLI's), or None; a
+    clear error for anything else."""
     if interval is None:
         return None
     try:
-        lo, hi = (float(v) for v in interval)
+        lo, hi = (float(v) for v in (interval.split(",") if isinstance(interval, str) else interval))
     except (TypeError, ValueError):
-        raise PixsigmaError(f"guidance interval {interval!r}: expected two timesteps (t_min, t_max)") from None
+        raise PixsigmaError(f"guidance interval {interval!r}: expected two timesteps T_MIN,T_MAX, e.g. 500,999") from None
     if not (0 <= lo <= hi and np.isfinite(hi)):
         raise PixsigmaError(f"guidance interval {interval!r}: expected 0 <= t_min <= t_max (timesteps, 0..999)")
     return lo, hi

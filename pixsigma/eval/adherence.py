@@ -69,31 +69,15 @@ def evaluate_model(pipe, prompt_set: str = "heldout", seeds=(0, 1, 2, 3), steps:
     return report
 
 
-def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
-    """--guidance-interval "T_MIN,T_MAX" → (t_min, t_max); None when not given."""
-    from pixsigma.pipeline import check_guidance_interval
-
-    if text is None:
-        return None
-    parts = str(text).split(",")
-    try:
-        values = tuple(float(v) for v in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 2:
-        raise PixsigmaError(f"--guidance-interval {text!r}: expected two timesteps T_MIN,T_MAX, e.g. 500,999")
-    return check_guidance_interval(values)
-
-
 def run_adherence(args) -> dict:
     """The CLI command: load the pipeline, evaluate, print the table, save JSON."""
-    from pixsigma.pipeline import SigmaPipeline
+    from pixsigma.pipeline import SigmaPipeline, check_guidance_interval
 
+    interval = check_guidance_interval(args.guidance_interval)  # before the slow load
     # dtype is a name ("fp32" / "bf16"); the pipeline resolves it with the project's one table
     pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=args.dtype, text_dtype=torch.float32,
                                          vae_dtype=torch.float32)
     seeds = list(range(args.seeds))
-    interval = parse_guidance_interval(args.guidance_interval)
     report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,
                             Path(args.save_images) if args.save_images else None, interval)
     report["settings"]["dtype"] = args.dtype
