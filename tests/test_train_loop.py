@@ -155,6 +155,23 @@ def test_eps_model_fine_tuned_to_v_prediction_learns_and_exports_it(tmp_path):
                               output={"dir": str(tmp_path / "bad")}))
 
 
+def test_fine_tune_from_fp16_checkpoint_keeps_fp32_master_weights(tmp_path):
+    """Released checkpoints are often stored in fp16: init_from one trains under bf16 autocast with
+    fp32 parameters (no dtype clash in the norms) and the loss falls."""
+    from pixsigma.model import TINY, PixArtSigmaTransformer, load_transformer, save_transformer
+    from pixsigma.train.loop import train
+
+    cache = synthetic_cache(tmp_path / "cache")
+    torch.manual_seed(3)
+    src = save_transformer(PixArtSigmaTransformer(TINY.with_(sample_size=8)).half(), tmp_path / "fp16.safetensors")
+    assert load_transformer(src).x_embedder.proj.weight.dtype == torch.float16
+    before = eval_loss(load_transformer(src, dtype=torch.float32), cache)
+    out = train(tiny_config(tmp_path, cache, model={"init_from": str(src)}, precision={"mixed": "bf16"},
+                            schedule={"max_steps": 60, "log_every": 20, "seed": 1}))
+    after = eval_loss(load_transformer(out, dtype=torch.float32), cache)
+    assert after < 0.9 * before
+
+
 def test_config_unknown_key_and_set(tmp_path):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text('stage = "aesthetics-512"\n[data]\npath = "x"\n[optim]\nweight_decy = 0\n')

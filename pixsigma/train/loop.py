@@ -59,7 +59,9 @@ def build_model(cfg: TrainConfig, vae_factor: int, resolution: int | None = None
         if structural:
             raise PixsigmaError(f"model.overrides {structural} cannot change a loaded checkpoint; "
                                 "use pixsigma adapt (resolution / kv-compress / tokens) to make a new one")
-        model = load_transformer(cfg.model.init_from)
+        # fp32 master weights whatever the file stores (released checkpoints are often fp16);
+        # mixed precision comes from autocast, not from the parameters' dtype
+        model = load_transformer(cfg.model.init_from, dtype=torch.float32)
         if overrides:
             try:
                 model.config = model.config.with_(**overrides)
