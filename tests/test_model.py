@@ -96,10 +96,11 @@ def test_padding_tokens_have_no_effect():
     y_garbage[mask == 0] = torch.randn(int((mask == 0).sum()), 32) * 100
     with torch.no_grad():
         a, b = model(x, t, y, mask), model(x, t, y_garbage, mask)
-        # and each sample equals itself run alone with only its valid tokens
+        # and each sample equals itself run alone with only its valid tokens (to fp32 rounding:
+        # a batch of 1 may take other matmul kernels than a batch of 2; outputs are O(1))
         alone = model(x[:1], t[:1], y[:1, :5], torch.ones(1, 5))
     assert torch.equal(a, b)
-    assert (a[:1] - alone).abs().max().item() < 1e-6
+    assert (a[:1] - alone).abs().max().item() < 1e-5
 
 
 def test_count_parameters_xl2():
