@@ -52,6 +52,18 @@ def group_mean_mse(x0: torch.Tensor, scenes: list[dict], keys: tuple[str, ...]) 
     return err / max(n, 1), len(groups)
 
 
+def latents(cache: FeatureCache, ids: list[int]) -> tuple[list[dict], torch.Tensor]:
+    items = [cache.get(i) for i in ids]
+    return items, scale_latents(torch.stack([d["mean"].float() for d in items]), cache.vae)
+
+
+def predict_x0(model, diffusion, x0: torch.Tensor, t_val: int, emb, mask, g: torch.Generator):
+    """Noise x0 to t_val and return the model's x0 estimate (as DPM-Solver++ derives it)."""
+    t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
+    x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    return diffusion.predicted_x0(model(x_t, t, emb.float(), mask)[:, : x0.shape[1]].float(), x_t, t)
+
+
 @torch.no_grad()
 def save_grid(path, model, diffusion, cache: FeatureCache, records: list[dict], vae_dir) -> None:
     from PIL import Image
@@ -64,15 +76,10 @@ def save_grid(path, model, diffusion, cache: FeatureCache, records: list[dict], 
         if len(objs) == 1 and objs[0]["size_name"] == "large" and len(chosen[objs[0]["shape"]]) < 2:
             chosen[objs[0]["shape"]].append(i)
     idx = [i for ids in chosen.values() for i in ids]
-    items = [cache.get(i) for i in idx]
-    x0 = scale_latents(torch.stack([d["mean"].float() for d in items]), cache.vae)
+    items, x0 = latents(cache, idx)
     emb, mask = pad_captions([d["long"] for d in items], model.config.max_caption_tokens)
     g = torch.Generator().manual_seed(0)
-    rows = [x0]
-    for t_val in (999, 700, 500, 300):
-        t = torch.full((len(idx),), t_val, dtype=torch.long)
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
-        rows.append(diffusion.predicted_x0(model(x_t, t, emb.float(), mask)[:, : x0.shape[1]].float(), x_t, t))
+    rows = [x0] + [predict_x0(model, diffusion, x0, t_val, emb, mask, g) for t_val in (999, 700, 500, 300)]
     vae = load_vae(vae_dir)
     cell = 96
     grid = Image.new("RGB", (len(idx) * cell, len(rows) * cell))
@@ -97,9 +104,8 @@ def main() -> None:
     records = json.load(open(args.data))
     cache = FeatureCache(args.cache)
     idx = [i for i, r in enumerate(records) if len(r["scene"]["objects"]) == 1]
-    items = [cache.get(i) for i in idx]
+    items, x0 = latents(cache, idx)
     scenes = [records[i]["scene"] for i in idx]
-    x0 = scale_latents(torch.stack([d["mean"].float() for d in items]), cache.vae)
     print(f"{len(idx)} single-object latents; predicting 0 scores {float(x0.pow(2).mean()):.3f}")
     for name, keys in GROUPINGS.items():
         mse, groups = group_mean_mse(x0, scenes, keys)
@@ -110,15 +116,13 @@ def main() -> None:
     sel = list(range(0, len(idx), max(1, len(idx) // args.n)))[: args.n]
     g = torch.Generator().manual_seed(0)
     captions = {kind: pad_captions([items[j][kind] for j in sel], model.config.max_caption_tokens) for kind in ("short", "long")}
-    c = x0.shape[1]
     print(f"model x0 MSE on {len(sel)} of them:")
     for t_val in (999, 700, 500):
-        t = torch.full((len(sel),), t_val, dtype=torch.long)
-        x_t = diffusion.q_sample(x0[sel], t, torch.randn(x0[sel].shape, generator=g))
-        row = []
+        row, state = [], g.get_state()
         for kind, (emb, mask) in captions.items():
-            pred = model(x_t, t, emb.float(), mask)[:, :c].float()
-            row.append(f"{kind} {float((diffusion.predicted_x0(pred, x_t, t) - x0[sel]).pow(2).mean()):.3f}")
+            g.set_state(state)  # the same noise for both captions
+            err = (predict_x0(model, diffusion, x0[sel], t_val, emb, mask, g) - x0[sel]).pow(2).mean()
+            row.append(f"{kind} {float(err):.3f}")
         print(f"t = {t_val}: " + ", ".join(row))
     if args.grid:
         save_grid(args.grid, model, diffusion, cache, records, args.vae)
