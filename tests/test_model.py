@@ -192,6 +192,47 @@ def test_odd_latent_sizes_and_aspect_ratios(operator, hw):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (5, 7)])
+def test_conv_compression_equals_the_strided_conv_module(hw):
+    """The window multiply-adds give what the checkpoint's Conv2d gives (padded grids included)."""
+    attn = PixArtSigmaTransformer(compressed_config("conv", ratio=2)).blocks[1].attn
+    torch.manual_seed(1)
+    with torch.no_grad():
+        attn.sr.weight.normal_()
+        attn.sr.bias.normal_()
+        (h, w), c = hw, attn.sr.weight.shape[0]
+        tokens = torch.randn(3, h * w, c)
+        grid = F.pad(tokens.view(3, h, w, c).permute(0, 3, 1, 2), (0, w % 2, 0, h % 2), mode="replicate")
+        expected = attn.norm(attn.sr(grid).flatten(2).transpose(1, 2))
+        assert (attn.compress(tokens, hw) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_half_precision_attention_matches_fused_kernel(monkeypatch, masked):
+    """Short bf16 sequences on CPU take the matmul path; it matches torch's fused kernel."""
+    import pixsigma.model.transformer as tr
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 24, 16), torch.randn(2, 3, 24, 16)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask[0, ..., 10:] = False
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    half = [t.bfloat16() for t in (q, k, v)]
+    matmul = tr.attention(*half, mask)
+    if masked:  # masked-out keys get no weight: changing them changes nothing
+        v2 = v.clone()
+        v2[0, :, 10:] = 100.0
+        assert torch.equal(tr.attention(half[0], half[1], v2.bfloat16(), mask)[0], matmul[0])
+    monkeypatch.setattr(tr, "CPU_MATMUL_ATTENTION_MAX_SCORES", 0)  # force the fused kernel
+    fused = tr.attention(*half, mask)
+    assert matmul.dtype == fused.dtype == torch.bfloat16
+    err_matmul = (matmul.float() - exact).abs().max().item()
+    err_fused = (fused.float() - exact).abs().max().item()
+    assert err_matmul < 3e-2 and err_fused < 3e-2
+
+
 def test_ave_pads_by_averaging_real_tokens_only():
     attn = PixArtSigmaTransformer(compressed_config("ave", ratio=2)).blocks[1].attn
     tokens = torch.arange(3 * 3, dtype=torch.float32).reshape(1, 9, 1).expand(1, 9, 64)

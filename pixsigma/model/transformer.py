@@ -226,8 +226,15 @@ class CaptionEmbedder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# Largest score matrix (B·heads·Nq·Nk elements, 64 MiB in bf16) that half-precision attention on
+# CPU computes with two plain matmuls instead of torch's fused kernel: for short sequences the
+# fused CPU kernel is 2-4× slower forward + backward in bf16 (benchmarks/attention_cpu.py), and
+# below this size materialising the scores costs little memory. Larger grids keep the fused kernel.
+CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
+
+
 def attention(q, k, v, mask=None, fp32: bool = False):
-    """Scaled dot-product attention over (B, heads, N, head_dim) tensors via torch's fused kernels.
+    """Scaled dot-product attention over (B, heads, N, head_dim) tensors.
 
     `mask` is boolean (True = attend) and broadcastable to (B, heads, Nq, Nk). `fp32` runs the
     kernel in float32 for half-precision weights (the paper trains with fp32 attention).
@@ -235,7 +242,15 @@ def attention(q, k, v, mask=None, fp32: bool = False):
     dtype = q.dtype
     if fp32 and dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, nq, d = q.shape
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and b * h * nq * k.shape[-2] <= CPU_MATMUL_ATTENTION_MAX_SCORES):
+        scores = (q * d**-0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # every row keeps a valid column
+        out = scores.softmax(dim=-1) @ v  # the CPU softmax accumulates half precision in fp32
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.to(dtype)
 
 
@@ -291,8 +306,16 @@ class SelfAttention(nn.Module):
         pad_h, pad_w = (-h) % r, (-w) % r
         if pad_h or pad_w:
             grid = F.pad(grid, (0, pad_w, 0, pad_h), mode="replicate")
-        merged = self.sr(grid).permute(0, 2, 3, 1).reshape(b, -1, c)
-        return self.norm(merged)
+        # The depthwise conv's kernel equals its stride, so each output token is a weighted sum
+        # of the R² tokens of its window: R² strided multiply-adds, ~3× faster forward + backward
+        # on CPU than the conv kernel (benchmarks/attention_cpu.py) and the same numbers.
+        windows = grid.permute(0, 2, 3, 1).reshape(b, (h + pad_h) // r, r, (w + pad_w) // r, r, c)
+        weight = self.sr.weight.to(windows.dtype).view(c, r, r)
+        merged = self.sr.bias.to(windows.dtype)
+        for i in range(r):
+            for j in range(r):
+                merged = merged + windows[:, :, i, :, j] * weight[:, i, j]
+        return self.norm(merged.reshape(b, -1, c))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], attention_fp32: bool = False) -> torch.Tensor:
         b, n, c = x.shape
