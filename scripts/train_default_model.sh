@@ -2,7 +2,8 @@
 # Trains the shipped default model from nothing, weak-to-strong, on 2 CPU cores:
 #   synthetic data → toy VAE → stage 1 at 32px → adapt resolution → stages 2 and 2b at 64px
 #   → stage 2c (the same network fine-tuned from ε- to v-prediction) → adapt kv-compress (deep
-#   half, conv R=2) → stage 3 and its warm restarts 3b and 3c → held-out adherence evaluation → ship into
+#   half, conv R=2) → stage 3 and its warm restarts 3b and 3c → stage 4, one long fine-tune →
+#   held-out adherence evaluation → ship into
 #   pixsigma/assets/default_model (weights, logs and reports).
 # Every step skips what is already done and every training stage resumes (--resume), so a
 # killed run is continued by running this script again. Logs go to runs/toy/*.log.
@@ -44,8 +45,10 @@ python scripts/x0_error.py "$RUN/stage3/model.safetensors" 2>&1 | tee "$RUN/x0_e
 for s in 3b 3c; do
     pixsigma train configs/toy/stage${s}_kv.toml --resume 2>&1 | tee -a "$RUN/stage$s.log"
 done
-FINAL="$RUN/stage3c/model.safetensors"
-python scripts/x0_error.py "$FINAL" 2>&1 | tee "$RUN/x0_error_stage3c.log"
+python scripts/x0_error.py "$RUN/stage3c/model.safetensors" 2>&1 | tee "$RUN/x0_error_stage3c.log"
+# stage 4: 4,000 steps at peak lr 3e-4 from the stage-3c EMA weights
+pixsigma train configs/toy/stage4_long.toml --resume 2>&1 | tee -a "$RUN/stage4.log"
+FINAL="$RUN/stage4/model.safetensors"
 # held-out adherence (240 prompts × 4 seeds; transformer in bf16 for speed): the final model at
 # 20 and 10 steps, and the model before the KV-compression stage at 20 steps
 pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$FINAL" \
