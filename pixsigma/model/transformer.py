@@ -228,7 +228,7 @@ class CaptionEmbedder(nn.Module):
 
 # Largest score matrix (B·heads·Nq·Nk elements, 64 MiB in bf16) that half-precision attention on
 # CPU computes with two plain matmuls instead of torch's fused kernel: for short sequences the
-# fused CPU kernel is 2-4× slower forward + backward in bf16 (benchmarks/attention_cpu.py), and
+# fused CPU kernel is 1.6-3.4× slower forward + backward in bf16 (benchmarks/cpu_training.py), and
 # below this size materialising the scores costs little memory. Larger grids keep the fused kernel.
 CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
 
@@ -307,8 +307,8 @@ class SelfAttention(nn.Module):
         if pad_h or pad_w:
             grid = F.pad(grid, (0, pad_w, 0, pad_h), mode="replicate")
         # The depthwise conv's kernel equals its stride, so each output token is a weighted sum
-        # of the R² tokens of its window: R² strided multiply-adds, ~3× faster forward + backward
-        # on CPU than the conv kernel (benchmarks/attention_cpu.py) and the same numbers.
+        # of the R² tokens of its window: R² strided multiply-adds, ~2-3× faster forward + backward
+        # on CPU than the conv kernel (benchmarks/cpu_training.py) and the same numbers.
         windows = grid.permute(0, 2, 3, 1).reshape(b, (h + pad_h) // r, r, (w + pad_w) // r, r, c)
         weight = self.sr.weight.to(windows.dtype).view(c, r, r)
         merged = self.sr.bias.to(windows.dtype)
