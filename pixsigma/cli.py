@@ -307,13 +307,15 @@ def cmd_adapt(args) -> int:
         adapt.adapt_resolution(args.src, args.dst, args.resolution, args.pe_interpolation, args.vae_factor)
     elif args.transition == "kv-compress":
         adapt.adapt_kv_compress(args.src, args.dst, args.layers, args.operator, args.ratio)
+    elif args.transition == "depth":
+        adapt.adapt_depth(args.src, args.dst, args.add, args.at)
     else:
         adapt.adapt_tokens(args.src, args.dst, args.tokens)
     return 0
 
 
 def add_adapt(sub) -> None:
-    p = sub.add_parser("adapt", help="weak-to-strong transitions: new VAE, resolution, KV compression, caption length")
+    p = sub.add_parser("adapt", help="weak-to-strong transitions: new VAE, resolution, KV compression, caption length, depth")
     t = p.add_subparsers(dest="transition", required=True)
 
     def common(q):
@@ -337,6 +339,10 @@ def add_adapt(sub) -> None:
     q = t.add_parser("tokens", help="change the caption length (e.g. 120 -> 300)")
     common(q)
     q.add_argument("--tokens", type=int, required=True)
+    q = t.add_parser("depth", help="insert blocks that start as identities (the model's output is unchanged)")
+    common(q)
+    q.add_argument("--add", type=int, required=True, help="how many blocks to insert")
+    q.add_argument("--at", type=int, default=None, help="index of the first new block (default: after the shallow half)")
     p.set_defaults(func=cmd_adapt)
 
 

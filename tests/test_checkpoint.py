@@ -14,6 +14,7 @@ from pixsigma.model.checkpoint import (
     add_kv_compression,
     change_caption_tokens,
     change_resolution,
+    grow_depth,
     official_to_diffusers,
     save_diffusers,
     save_official,
@@ -151,6 +152,29 @@ def test_change_resolution_and_tokens():
     null = longer.y_embedder.y_embedding
     assert null.shape == (30, 40) and torch.equal(null[:20], model.y_embedder.y_embedding)
     assert change_caption_tokens(model, 12).y_embedder.y_embedding.shape == (12, 40)
+
+
+def test_grow_depth_keeps_the_function_and_then_trains(tmp_path):
+    model = add_kv_compression(randomized(SIGMA_LIKE.with_(depth=4)))  # compressed: blocks 2, 3
+    grown = grow_depth(model, add=2)
+    assert grown.config.depth == 6 and grown.config.kv_compress.layers == (3, 4, 5)
+    assert grown.history[-1] == {"action": "depth", "from": 4, "depth": 6, "inserted_at": 2, "kv_compress_layers": [3, 4, 5]}
+    # old blocks keep their weights under their new index; new ones copy a neighbour
+    assert torch.equal(grown.blocks[4].attn.sr.weight, model.blocks[2].attn.sr.weight)
+    assert torch.equal(grown.blocks[2].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight)
+    assert torch.equal(grown.blocks[3].attn.sr.weight, model.blocks[2].attn.sr.weight)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 10.0]), torch.randn(2, 20, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), grown(x, t, y))
+    # the zeroed projections get a gradient at once, so the new blocks can learn
+    grown(x, t, y).square().mean().backward()
+    assert grown.blocks[2].mlp.fc2.weight.grad.abs().sum() > 0 and grown.blocks[3].attn.proj.weight.grad.abs().sum() > 0
+    save_safetensors(grown, tmp_path / "g.safetensors")
+    assert load_transformer(tmp_path / "g.safetensors").config.kv_compress.layers == (3, 4, 5)
+    with pytest.raises(PixsigmaError, match="at must lie"):
+        grow_depth(model, add=1, at=4)
+    with pytest.raises(PixsigmaError, match="positive"):
+        grow_depth(model, add=0)
 
 
 # ---------------------------------------------------------------------------------------------

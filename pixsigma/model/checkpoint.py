@@ -510,6 +510,43 @@ def add_kv_compression(model, layers=None, operator: str = "conv", ratio: int = 
     return new
 
 
+def grow_depth(model, add: int, at: int | None = None) -> PixArtSigmaTransformer:
+    """Insert `add` blocks before block `at` (default: after the shallow half), keeping the
+    function: each new block is a copy of a neighbour (the first half of them of block at-1, the
+    rest of block at) with its three residual output projections (attention, cross-attention,
+    MLP) zeroed, so it adds nothing until training moves them; like adaLN-zero, the gradient still
+    reaches those projections at once. A new block compresses keys/values iff its source does."""
+    depth = model.config.depth
+    at = depth // 2 if at is None else at
+    if add <= 0:
+        raise PixsigmaError(f"add must be a positive number of blocks, got {add}")
+    if not 0 < at < depth:
+        raise PixsigmaError(f"at must lie in 1..{depth - 1} (a new block copies a neighbour on each side), got {at}")
+    # new block index -> the old block whose weights it starts from
+    sources = list(range(at)) + [at - 1 if k < add // 2 else at for k in range(add)] + list(range(at, depth))
+    inserted = range(at, at + add)
+    kv = model.config.kv_compress
+    layers = tuple(i for i, s in enumerate(sources) if s in kv.layers)
+    config = model.config.with_(depth=depth + add, kv_compress=KVCompressConfig(operator=kv.operator, ratio=kv.ratio, layers=layers))
+    param = next(model.parameters())
+    new = PixArtSigmaTransformer(config).to(device=param.device, dtype=param.dtype)
+    old = model.state_dict()
+    state = {k: v for k, v in old.items() if not k.startswith("blocks.")}
+    for i, s in enumerate(sources):
+        prefix = f"blocks.{s}."
+        state.update({f"blocks.{i}.{k[len(prefix):]}": v.clone() for k, v in old.items() if k.startswith(prefix)})
+        if i in inserted:
+            for name in ("attn.proj", "cross_attn.proj", "mlp.fc2"):
+                state[f"blocks.{i}.{name}.weight"].zero_()
+                state[f"blocks.{i}.{name}.bias"].zero_()
+    new.load_state_dict(state)
+    new.history = list(getattr(model, "history", [])) + [
+        {"action": "depth", "from": depth, "depth": depth + add, "inserted_at": at, "kv_compress_layers": list(layers)}]
+    new.attention_fp32 = model.attention_fp32
+    new.train(model.training)
+    return new
+
+
 def change_resolution(model, sample_size: int, pe_interpolation: float | None = None) -> PixArtSigmaTransformer:
     """Move to a new training resolution: the position embedding is recomputed on the new grid
     (positions rescaled to base_size and divided by pe_interpolation), nothing else changes."""

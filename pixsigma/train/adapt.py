@@ -12,6 +12,8 @@ model's history (saved in the file's metadata) with the details below.
 3. kv-compress: KV compression on chosen layers (default the deep half), operator conv / ave /
    uniform, ratio R (default conv, R = 2, Conv Avg Init).
 4. tokens: caption length (e.g. 120 → 300).
+5. depth: more blocks, inserted as identities (not a transition of the paper: a way to give a
+   trained small model more capacity without starting over).
 """
 
 from __future__ import annotations
@@ -156,3 +158,9 @@ def adapt_tokens(src, dst, tokens: int) -> Path:
     from pixsigma.model.checkpoint import change_caption_tokens
 
     return _save(change_caption_tokens(_load(src), tokens), dst)
+
+
+def adapt_depth(src, dst, add: int, at: int | None = None) -> Path:
+    from pixsigma.model.checkpoint import grow_depth
+
+    return _save(grow_depth(_load(src), add, at), dst)
