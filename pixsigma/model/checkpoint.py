@@ -480,11 +480,11 @@ def convert(src, dst, to: str = "safetensors", **overrides) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rebuild(model: PixArtSigmaTransformer, config: TransformerConfig, action: dict) -> PixArtSigmaTransformer:
-    """A new model with `config`, holding every weight of `model` that still fits."""
+def _rebuild(model: PixArtSigmaTransformer, config: TransformerConfig, action: dict, state: dict | None = None) -> PixArtSigmaTransformer:
+    """A new model with `config`, holding every weight of `state` (default: `model`'s) that still fits."""
     param = next(model.parameters())
     new = PixArtSigmaTransformer(config).to(device=param.device, dtype=param.dtype)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = new.load_state_dict(model.state_dict() if state is None else state, strict=False)
     if unexpected:
         raise PixsigmaError(f"cannot carry weights {unexpected[:3]} into the new config")
     new.history = list(getattr(model, "history", [])) + [action]
@@ -528,8 +528,6 @@ def grow_depth(model, add: int, at: int | None = None) -> PixArtSigmaTransformer
     kv = model.config.kv_compress
     layers = tuple(i for i, s in enumerate(sources) if s in kv.layers)
     config = model.config.with_(depth=depth + add, kv_compress=KVCompressConfig(operator=kv.operator, ratio=kv.ratio, layers=layers))
-    param = next(model.parameters())
-    new = PixArtSigmaTransformer(config).to(device=param.device, dtype=param.dtype)
     old = model.state_dict()
     state = {k: v for k, v in old.items() if not k.startswith("blocks.")}
     for i, s in enumerate(sources):
@@ -539,12 +537,8 @@ def grow_depth(model, add: int, at: int | None = None) -> PixArtSigmaTransformer
             for name in ("attn.proj", "cross_attn.proj", "mlp.fc2"):
                 state[f"blocks.{i}.{name}.weight"].zero_()
                 state[f"blocks.{i}.{name}.bias"].zero_()
-    new.load_state_dict(state)
-    new.history = list(getattr(model, "history", [])) + [
-        {"action": "depth", "from": depth, "depth": depth + add, "inserted_at": at, "kv_compress_layers": list(layers)}]
-    new.attention_fp32 = model.attention_fp32
-    new.train(model.training)
-    return new
+    return _rebuild(model, config, {"action": "depth", "from": depth, "depth": depth + add, "inserted_at": at,
+                                    "kv_compress_layers": list(layers)}, state)
 
 
 def change_resolution(model, sample_size: int, pe_interpolation: float | None = None) -> PixArtSigmaTransformer:
