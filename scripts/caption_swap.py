@@ -42,7 +42,7 @@ def main() -> None:
         captions["true"].append(f"a {o.color} {o.shape}")
         captions["other shape"].append(f"a {o.color} {shape}")
         captions["other color"].append(f"a {color} {o.shape}")
-        images.append(np.asarray(render(scene, 64), dtype=np.float32) / 127.5 - 1)
+        images.append(np.asarray(render(scene, 64), dtype=np.float32) / 255.0)  # VAE.encode takes [0, 1]
     x0 = pipe.vae.encode(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
     diffusion = GaussianDiffusion(prediction_type=model.config.prediction_type)
     context = {k: pipe.text_encoder.encode(v, model.config.max_caption_tokens) for k, v in captions.items()}

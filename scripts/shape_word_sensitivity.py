@@ -14,12 +14,9 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from pixsigma.diffusion.gaussian import GaussianDiffusion
-from pixsigma.model import load_transformer
-from pixsigma.pipeline import default_model_dir
-from pixsigma.text import TextEncoder, minilm_path
+from pixsigma.pipeline import SigmaPipeline
 from pixsigma.toy.render import Scene, SceneObject, render
 
 SHAPES = ["circle", "square", "triangle", "cross"]
@@ -29,16 +26,16 @@ CELLS = [(0.5, 0.5, "in the center"), (0.2, 0.2, "at the top left"), (0.8, 0.8, 
 
 @torch.no_grad()
 def main() -> None:
-    model = load_transformer(sys.argv[1]).float().eval()
-    vae = AutoencoderKL.from_pretrained(default_model_dir() / "vae").eval()
-    te = TextEncoder(minilm_path(), max_length=model.config.max_caption_tokens)
+    pipe = SigmaPipeline.from_pretrained(None, transformer=sys.argv[1])
+    model = pipe.transformer.float().eval()
     scenes = [(SHAPES[i % 4], COLORS[(i // 4) % 4], *CELLS[(i // 16) * 2 + i % 2]) for i in range(32)]
     images = [render(Scene(objects=[SceneObject(s, c, x, y, 0.35)], background="white"), 64) for s, c, x, y, _ in scenes]
-    pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
-    x0 = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    x0 = pipe.vae.encode(torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images]))
     diffusion = GaussianDiffusion(prediction_type=model.config.prediction_type)
-    true = te.encode([f"a {c} {s} {p}" for s, c, _, _, p in scenes])
-    swaps = [te.encode([f"a {c} {SHAPES[(SHAPES.index(s) + k) % 4]} {p}" for s, c, _, _, p in scenes]) for k in (1, 2, 3)]
+    length = model.config.max_caption_tokens
+    true = pipe.text_encoder.encode([f"a {c} {s} {p}" for s, c, _, _, p in scenes], length)
+    swaps = [pipe.text_encoder.encode([f"a {c} {SHAPES[(SHAPES.index(s) + k) % 4]} {p}" for s, c, _, _, p in scenes], length)
+             for k in (1, 2, 3)]
     g = torch.Generator().manual_seed(1)
     print("t    err(true)  err(swapped)  true beats all swaps  |x0(true) - x0(swap)|^2")
     for t_val in (900, 700, 600, 500, 400, 300, 200):
