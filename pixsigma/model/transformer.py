@@ -139,6 +139,10 @@ SMALL = TransformerConfig(
 )
 
 
+# The named presets, by the names training configs use.
+PRESETS: dict[str, TransformerConfig] = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}
+
+
 def count_parameters(config_or_model) -> int:
     """Trainable parameters (the null caption `y_embedding` is a buffer, so it is not counted)."""
     model = config_or_model
