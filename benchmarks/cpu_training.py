@@ -4,11 +4,12 @@ Three changes made a toy training step (64px, 16×16 latents → 256 tokens, bat
 autocast) about twice as fast on 2 CPU cores; each is timed against its baseline in this run:
 
 1. attention: half-precision attention on CPU over short sequences as two matmuls instead of
-   torch's fused kernel (`pixsigma.model.transformer.CPU_MATMUL_ATTENTION_MAX_SCORES`), forward +
-   backward at the toy model's three shapes (256 tokens; 64 KV-compressed keys; 80 caption keys
-   with a padding mask);
-2. kv-conv: the depthwise R×R stride-R compression conv as R² window multiply-adds instead of
-   `nn.Conv2d` (forward + backward, K and V of a batch: 48 × 256 tokens × 256 channels);
+   torch's fused kernel (`pixsigma.model.transformer.cpu_matmul_attention`, used below
+   `CPU_MATMUL_ATTENTION_MAX_SCORES`), forward + backward at the toy model's three shapes
+   (256 tokens; 64 KV-compressed keys; 80 caption keys with a padding mask);
+2. kv-conv: the depthwise R×R stride-R compression conv as R² window multiply-adds
+   (`pixsigma.model.transformer.depthwise_window_conv`) instead of the conv kernel (forward +
+   backward, K and V of a batch: 48 × 256 tokens × 256 channels);
 3. cache: a shuffled batch of 24 samples read from a feature cache by opening shards lazily
    (one tensor at a time) instead of loading whole shards into a 4-shard LRU;
 and the full training step (forward, backward, AdamW) of the shipped model on random latents
@@ -41,21 +42,18 @@ import pixsigma.model.transformer as tr  # noqa: E402
 
 @contextmanager
 def baseline_model_paths():
-    """The fused attention kernel everywhere and the KV conv through nn.Conv2d (the old code)."""
-    limit, compress = tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.SelfAttention.compress
+    """The fused attention kernel everywhere and the KV conv through the conv kernel (the old code)."""
+    limit, window_conv = tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.depthwise_window_conv
 
-    def conv_compress(self, t, hw):
-        if self.kv_operator != "conv":
-            return compress(self, t, hw)
-        (h, w), r, (b, _, c) = hw, self.kv_ratio, t.shape
-        grid = F.pad(t.view(b, h, w, c).permute(0, 3, 1, 2), (0, (-w) % r, 0, (-h) % r), mode="replicate")
-        return self.norm(self.sr(grid).permute(0, 2, 3, 1).reshape(b, -1, c))
+    def conv_kernel(grid, weight, bias):
+        out = F.conv2d(grid, weight, bias, stride=weight.shape[-1], groups=grid.shape[1])  # (B, C, H/R, W/R)
+        return out.permute(0, 2, 3, 1).reshape(grid.shape[0], -1, grid.shape[1])
 
-    tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.SelfAttention.compress = 0, conv_compress
+    tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.depthwise_window_conv = 0, conv_kernel
     try:
         yield
     finally:
-        tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.SelfAttention.compress = limit, compress
+        tr.CPU_MATMUL_ATTENTION_MAX_SCORES, tr.depthwise_window_conv = limit, window_conv
 
 
 def fwd_bwd(fn, *shapes, dtype=torch.bfloat16):

@@ -33,7 +33,7 @@ CASES = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "bf16 +
 
 def run_case(name: str, steps: int, threads: int) -> dict:
     from pixsigma.diffusion.samplers import sample
-    from pixsigma.model.checkpoint import add_kv_compression
+    from pixsigma.model.transitions import add_kv_compression
     from pixsigma.model.transformer import PixArtSigmaTransformer, xl2_at
     from pixsigma.pipeline import compile_transformer, guided_model_fn
 

@@ -93,7 +93,7 @@ def main() -> None:
         with torch.no_grad():
             for p in plain_model.parameters():
                 p.normal_(0, 0.02)
-        from pixsigma.model.checkpoint import add_kv_compression
+        from pixsigma.model.transitions import add_kv_compression
 
         comp_model = add_kv_compression(plain_model).eval().to(dtype)
         plain_model = plain_model.to(dtype)

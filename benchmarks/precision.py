@@ -36,9 +36,9 @@ def main() -> None:
             p.normal_(0, 0.02)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     bf16_attn32 = copy.deepcopy(bf16)
-    bf16_attn32.attention_fp32 = True
+    bf16_attn32.set_runtime_options(attention_fp32=True)
     bf16_plain = copy.deepcopy(bf16)
-    bf16_plain.residual_fp32 = False  # everything in bf16, the residual stream too
+    bf16_plain.set_runtime_options(residual_fp32=False)  # everything in bf16, the residual stream too
     x = torch.randn(2, 4, args.latent, args.latent)
     t = torch.tensor([500.0, 500.0])
     y = torch.randn(2, 300, 4096)

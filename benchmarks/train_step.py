@@ -33,7 +33,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from pixsigma.diffusion.gaussian import GaussianDiffusion
-    from pixsigma.model import SMALL, TINY, XL_2, PixArtSigmaTransformer, count_parameters
+    from pixsigma.model import PRESETS, PixArtSigmaTransformer, count_parameters
     from pixsigma.model.transformer import KVCompressConfig, deep_half
     from pixsigma.train.config import config_from_dict
     from pixsigma.train.loop import batch_loss, make_optimizer
@@ -41,10 +41,10 @@ def run_one(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    base = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[spec["preset"]]
+    base = PRESETS[spec["preset"]]
     kv = KVCompressConfig("conv", 2, deep_half(base.depth)) if spec["kv"] else KVCompressConfig()
     model = PixArtSigmaTransformer(base.with_(sample_size=32, kv_compress=kv)).to(device).train()
-    model.gradient_checkpointing = spec["grad_ckpt"]
+    model.set_runtime_options(gradient_checkpointing=spec["grad_ckpt"])
     cfg = config_from_dict({"data": {"cache_dir": "unused"}, "optim": {"name": spec["optim"], "lr": 1e-4}})
     opt = make_optimizer(cfg, model.parameters())
     diffusion = GaussianDiffusion()

@@ -13,6 +13,7 @@ from pixsigma.model import (
     change_resolution,
     convert,
     count_parameters,
+    grow_depth,
     load_transformer,
     save_transformer,
     xl2_at,

@@ -1,4 +1,4 @@
-"""Checkpoint layouts: loading, inference of the config, round trips, transitions, bad input."""
+"""Checkpoint layouts: loading, inference of the config, round trips, bad input."""
 
 import json
 import os
@@ -11,16 +11,14 @@ import torch
 
 from pixsigma import PixsigmaError, convert, load_transformer
 from pixsigma.model.checkpoint import (
-    add_kv_compression,
-    change_caption_tokens,
-    change_resolution,
-    grow_depth,
     official_to_diffusers,
     save_diffusers,
     save_official,
     save_safetensors,
+    save_transformer,
 )
 from pixsigma.model.transformer import TINY, KVCompressConfig, PixArtSigmaTransformer
+from pixsigma.model.transitions import add_kv_compression
 from tests.test_model import diffusers_twin, randomized, run_diffusers
 
 SIGMA_LIKE = TINY.with_(hidden_size=144, num_heads=2, depth=3, caption_channels=40, max_caption_tokens=20,
@@ -88,9 +86,14 @@ def test_diffusers_export_loads_strictly_and_matches(tmp_path):
     ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "diff", low_cpu_mem_usage=False).eval()
     expected = set(ref.state_dict())
     assert expected == set(official_to_diffusers(model.state_dict()))  # strict: no missing, no extra
-    x, t, y = torch.randn(2, 4, 12, 8), torch.tensor([1.0, 998.0]), torch.randn(2, 20, 40)
+    assert_matches_diffusers(model, ref, (12, 8), short_row=1, valid=9)
+
+
+def assert_matches_diffusers(model, ref, latent_hw, short_row: int, valid: int) -> None:
+    """Our model and diffusers' agree to 1e-5 on a batch of 2 whose row `short_row` has `valid` caption tokens."""
+    x, t, y = torch.randn(2, 4, *latent_hw), torch.tensor([1.0, 998.0]), torch.randn(2, 20, 40)
     mask = torch.ones(2, 20)
-    mask[1, 9:] = 0
+    mask[short_row, valid:] = 0
     with torch.no_grad():
         assert (model(x, t, y, mask) - run_diffusers(ref, x, t, y, mask)).abs().max() <= 1e-5
 
@@ -126,55 +129,6 @@ def test_compressed_checkpoint_reloads_with_layers_and_ratio(tmp_path):
     # an official .pth tells the conv layers and R from the weights alone
     save_official(load_transformer(tmp_path / "conv.safetensors"), tmp_path / "conv.pth")
     assert load_transformer(tmp_path / "conv.pth").config.kv_compress == KVCompressConfig("conv", 3, (1, 2))
-
-
-def test_add_kv_compression_defaults_to_deep_half_with_conv_avg_init():
-    model = randomized(SIGMA_LIKE.with_(depth=4))
-    new = add_kv_compression(model)
-    assert new.config.kv_compress == KVCompressConfig("conv", 2, (2, 3))
-    conv = new.blocks[3].attn.sr
-    assert torch.all(conv.weight == 0.25) and torch.all(conv.bias == 0)
-    assert torch.equal(new.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
-    # close to the uncompressed model on smooth inputs (averaging a constant keeps it)
-    x = torch.ones(1, 4, 8, 8)
-    with torch.no_grad():
-        y = torch.randn(1, 20, 40)
-        a, b = model(x, torch.tensor([500.0]), y), new(x, torch.tensor([500.0]), y)
-    assert (a - b).abs().max() < 0.5 * a.abs().max()
-
-
-def test_change_resolution_and_tokens():
-    model = randomized(SIGMA_LIKE)
-    moved = change_resolution(model, sample_size=64)
-    assert (moved.config.sample_size, moved.config.pe_interpolation) == (64, 1.0)
-    assert moved.history[-1]["action"] == "resolution"
-    longer = change_caption_tokens(model, 30)
-    null = longer.y_embedder.y_embedding
-    assert null.shape == (30, 40) and torch.equal(null[:20], model.y_embedder.y_embedding)
-    assert change_caption_tokens(model, 12).y_embedder.y_embedding.shape == (12, 40)
-
-
-def test_grow_depth_keeps_the_function_and_then_trains(tmp_path):
-    model = add_kv_compression(randomized(SIGMA_LIKE.with_(depth=4)))  # compressed: blocks 2, 3
-    grown = grow_depth(model, add=2)
-    assert grown.config.depth == 6 and grown.config.kv_compress.layers == (3, 4, 5)
-    assert grown.history[-1] == {"action": "depth", "from": 4, "depth": 6, "inserted_at": 2, "kv_compress_layers": [3, 4, 5]}
-    # old blocks keep their weights under their new index; new ones copy a neighbour
-    assert torch.equal(grown.blocks[4].attn.sr.weight, model.blocks[2].attn.sr.weight)
-    assert torch.equal(grown.blocks[2].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight)
-    assert torch.equal(grown.blocks[3].attn.sr.weight, model.blocks[2].attn.sr.weight)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 10.0]), torch.randn(2, 20, 40)
-    with torch.no_grad():
-        assert torch.equal(model(x, t, y), grown(x, t, y))
-    # the zeroed projections get a gradient at once, so the new blocks can learn
-    grown(x, t, y).square().mean().backward()
-    assert grown.blocks[2].mlp.fc2.weight.grad.abs().sum() > 0 and grown.blocks[3].attn.proj.weight.grad.abs().sum() > 0
-    save_safetensors(grown, tmp_path / "g.safetensors")
-    assert load_transformer(tmp_path / "g.safetensors").config.kv_compress.layers == (3, 4, 5)
-    with pytest.raises(PixsigmaError, match="at must lie"):
-        grow_depth(model, add=1, at=4)
-    with pytest.raises(PixsigmaError, match="positive"):
-        grow_depth(model, add=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,3 +213,71 @@ def test_prediction_type_survives_every_layout_that_can_hold_it(tmp_path):
     assert "pixsigma_prediction_type" not in json.loads((tmp_path / "e_diffusers" / "config.json").read_text())
     with pytest.raises(ValueError, match="prediction_type 'x0' is not supported"):
         SIGMA_LIKE.with_(prediction_type="x0")
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_diffusers_keyed_single_safetensors_loads(tmp_path):
+    """A single file with diffusers' own key names (written from diffusers' state dict, no metadata)."""
+    from safetensors.torch import save_file
+
+    model = randomized(SIGMA_LIKE)
+    ref = diffusers_twin(model, tmp_path)
+    path = tmp_path / "pixart-256.safetensors"  # "256": sample size 32, pe_interpolation 0.5
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    loaded = load_transformer(path, max_caption_tokens=20)
+    assert loaded.config == SIGMA_LIKE
+    original = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        if key != "y_embedder.y_embedding":
+            assert torch.equal(value, original[key]), key
+    # no null caption in diffusers' keys: a fresh one, seeded, N(0, 1/caption_channels)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(loaded.y_embedder.y_embedding, torch.randn(20, 40, generator=g) / 40**0.5)
+    assert_matches_diffusers(loaded, ref, (8, 12), short_row=0, valid=11)
+
+
+def test_missing_shard_of_a_sharded_diffusers_folder_is_named(tmp_path):
+    model = randomized(SIGMA_LIKE)
+    diffusers_twin(model, tmp_path).save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    index = json.loads((tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    (tmp_path / "sharded" / shards[1]).unlink()
+    with pytest.raises(PixsigmaError) as excinfo:
+        load_transformer(tmp_path / "sharded")
+    message = one_line_error(excinfo)
+    assert message == f"{tmp_path / 'sharded' / shards[1]}: shard named in diffusion_pytorch_model.safetensors.index.json is missing"
+
+
+def test_wrong_class_name_in_config_json_is_refused(tmp_path):
+    save_diffusers(randomized(SIGMA_LIKE), tmp_path / "t")
+    config_path = tmp_path / "t" / "config.json"
+    config = json.loads(config_path.read_text())
+    for accepted in ("PixArtTransformer2DModel", "Transformer2DModel"):  # diffusers' current and older name
+        config_path.write_text(json.dumps({**config, "_class_name": accepted}))
+        assert load_transformer(tmp_path / "t").config == SIGMA_LIKE
+    config_path.write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(PixsigmaError) as excinfo:
+        load_transformer(tmp_path / "t")
+    assert one_line_error(excinfo) == (
+        f"{tmp_path / 't'}/config.json: _class_name is 'UNet2DConditionModel', expected PixArtTransformer2DModel")
+
+
+def test_mlp_ratio_other_than_4_loads_but_is_refused_by_diffusers(tmp_path):
+    config = SIGMA_LIKE.with_(mlp_ratio=2.0)
+    model = randomized(config)
+    save_official(model, tmp_path / "m.pth")
+    loaded = load_transformer(tmp_path / "m.pth", sample_size=32, pe_interpolation=0.5)
+    assert loaded.config == config and loaded.blocks[0].mlp.fc1.weight.shape == (288, 144)
+    assert same_tensors(loaded.state_dict(), model.state_dict())
+    with pytest.raises(PixsigmaError) as excinfo:
+        convert(tmp_path / "m.pth", tmp_path / "out", to="diffusers", sample_size=32, pe_interpolation=0.5)
+    assert one_line_error(excinfo) == "diffusers' PixArtTransformer2DModel has a fixed MLP ratio of 4; this model has 2.0"
+    with pytest.raises(PixsigmaError, match="fixed MLP ratio of 4"):
+        save_transformer(model, tmp_path / "out2", to="diffusers")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()

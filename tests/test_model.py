@@ -1,6 +1,7 @@
 """The transformer: parity with diffusers, masks, KV compression, precision, checkpointing."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -180,16 +181,72 @@ def test_compressed_attention_equals_naive_reference(operator):
     assert (ours - naive).abs().max().item() < 1e-5
 
 
+def reference_compress(attn, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """KV compression written out window by window in float64, from the documented rules.
+
+    The grid is padded at the bottom and right to multiples of R: "conv" replicates the edge
+    tokens (a window position past the edge reads the last row / column), then takes the
+    depthwise weighted sum + bias and the LayerNorm; "ave" averages only the real tokens of a
+    window; "uniform" keeps each window's top-left token.
+    """
+    (h, w), r, (b, _, c) = hw, attn.kv_ratio, tokens.shape
+    grid = tokens.double().reshape(b, h, w, c)
+    rows, cols = -(-h // r), -(-w // r)
+    out = torch.zeros(b, rows * cols, c, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(cols):
+            if attn.kv_operator == "uniform":
+                merged = grid[:, i * r, j * r]
+            elif attn.kv_operator == "ave":
+                real = [grid[:, y, x] for y in range(i * r, min(i * r + r, h)) for x in range(j * r, min(j * r + r, w))]
+                merged = sum(real) / len(real)
+            else:
+                merged = attn.sr.bias.double().expand(b, c)
+                for di in range(r):
+                    for dj in range(r):
+                        merged = merged + grid[:, min(i * r + di, h - 1), min(j * r + dj, w - 1)] * attn.sr.weight[:, 0, di, dj].double()
+            out[:, i * cols + j] = merged
+    if attn.kv_operator == "conv":
+        norm = attn.norm
+        mean = out.mean(-1, keepdim=True)
+        var = out.var(-1, unbiased=False, keepdim=True)
+        out = (out - mean) / torch.sqrt(var + norm.eps) * norm.weight.double() + norm.bias.double()
+    return out
+
+
 @pytest.mark.parametrize("operator", ["conv", "ave", "uniform"])
-@pytest.mark.parametrize("hw", [(10, 14), (6, 18), (14, 6), (2, 2)])
-def test_odd_latent_sizes_and_aspect_ratios(operator, hw):
-    """Token grids not divisible by R (5×7, 3×9 with patch 2) work; R=3 too."""
-    model = PixArtSigmaTransformer(compressed_config(operator, ratio=3, layers=(0, 1))).eval()
-    x = torch.randn(2, 4, *hw)
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("hw", [(5, 7), (3, 9), (7, 3), (1, 1), (6, 4)])
+def test_compression_on_odd_grids_equals_padded_window_reference(operator, ratio, hw):
+    """Token grids not divisible by R are padded as documented; random weights, float64, exact to rounding."""
+    model = randomized(compressed_config(operator, ratio=ratio, layers=(0, 1))).double()
+    attn = model.blocks[1].attn
+    tokens = torch.randn(3, hw[0] * hw[1], 64, dtype=torch.float64)
     with torch.no_grad():
-        out = model(x, torch.tensor([1.0, 500.0]), torch.randn(2, 16, 32), torch.ones(2, 16))
+        ours = attn.compress(tokens, hw)
+        expected = reference_compress(attn, tokens, hw)
+    assert ours.shape == (3, -(-hw[0] // ratio) * -(-hw[1] // ratio), 64)
+    assert (ours - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("operator", ["conv", "ave", "uniform"])
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("hw", [(10, 14), (6, 18), (14, 6), (2, 2)])
+def test_odd_latent_sizes_and_aspect_ratios(monkeypatch, operator, ratio, hw):
+    """The whole model on latent grids whose token grids (5×7, 3×9, 7×3, 1×1) are not multiples of R,
+    random weights: the output equals the model run with the window-by-window reference compression."""
+    import pixsigma.model.transformer as tr
+
+    model = randomized(compressed_config(operator, ratio=ratio, layers=(0, 1)))
+    x, t = torch.randn(2, 4, *hw), torch.tensor([1.0, 500.0])
+    y, mask = torch.randn(2, 16, 32), torch.ones(2, 16)
+    with torch.no_grad():
+        out = model(x, t, y, mask)
+        monkeypatch.setattr(tr.SelfAttention, "compress", lambda self, tokens, grid_hw: reference_compress(self, tokens, grid_hw).float())
+        expected = model(x, t, y, mask)
     assert out.shape == (2, 8, *hw)
-    assert torch.isfinite(out).all()
+    assert out.abs().max().item() > 0.1  # random weights: the output is not the zero of the default init
+    assert (out - expected).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (5, 7)])
@@ -251,8 +308,7 @@ def test_bf16_weights_and_fp32_attention_stay_close():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.randn(2, 16, 32)
     with torch.no_grad():
         ref = model(x, t, y)
-        low = randomized(TINY).to(torch.bfloat16)
-        low.attention_fp32 = True
+        low = randomized(TINY).to(torch.bfloat16).set_runtime_options(attention_fp32=True)
         out = low(x, t, y)
     assert out.dtype == torch.bfloat16
     rel = ((out.float() - ref).norm() / ref.norm()).item()
@@ -267,7 +323,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
     def grads(flag):
         model.zero_grad()
-        model.gradient_checkpointing = flag
+        model.set_runtime_options(gradient_checkpointing=flag)
         model(x, t, y, force_drop_ids=no_drop).square().mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -310,6 +366,118 @@ def test_fp32_residual_stream_reduces_bf16_error():
         low = randomized(config).to(torch.bfloat16)
         errors = {}
         for flag in (True, False):
-            low.residual_fp32 = flag
+            low.set_runtime_options(residual_fp32=flag)
             errors[flag] = ((low(x, t, y).float() - ref).norm() / ref.norm()).item()
     assert errors[True] < 0.8 * errors[False], errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime switches take effect
+# ---------------------------------------------------------------------------------------------
+
+
+def test_set_runtime_options_sets_only_what_is_given():
+    model = PixArtSigmaTransformer(TINY)
+    assert (model.attention_fp32, model.gradient_checkpointing, model.residual_fp32) == (False, False, True)
+    assert model.set_runtime_options(attention_fp32=True) is model
+    assert (model.attention_fp32, model.gradient_checkpointing, model.residual_fp32) == (True, False, True)
+    model.set_runtime_options(gradient_checkpointing=True, residual_fp32=False)
+    assert (model.attention_fp32, model.gradient_checkpointing, model.residual_fp32) == (True, True, False)
+    model.set_runtime_options()
+    assert (model.attention_fp32, model.gradient_checkpointing, model.residual_fp32) == (True, True, False)
+
+
+def spy_attention_kernels(monkeypatch) -> list:
+    """Record the (q, k, v) dtypes of every attention kernel call (fused and matmul paths)."""
+    import pixsigma.model.transformer as tr
+
+    seen = []
+    fused, matmul = F.scaled_dot_product_attention, tr.cpu_matmul_attention
+
+    def spy_fused(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return fused(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    def spy_matmul(q, k, v, mask=None):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return matmul(q, k, v, mask)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_fused)
+    monkeypatch.setattr(tr, "cpu_matmul_attention", spy_matmul)
+    return seen
+
+
+def test_attention_fp32_runs_every_attention_kernel_in_float32(monkeypatch):
+    seen = spy_attention_kernels(monkeypatch)
+    model = randomized(compressed_config()).to(torch.bfloat16)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.randn(2, 16, 32)
+    mask = torch.ones(2, 16)
+    mask[0, 5:] = 0
+    for flag, kernel_dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        seen.clear()
+        with torch.no_grad():
+            out = model.set_runtime_options(attention_fp32=flag)(x, t, y, mask)
+        assert out.dtype == torch.bfloat16
+        # one self- and one cross-attention per block, every one in the expected dtype
+        assert seen == [(kernel_dtype,) * 3] * (2 * TINY.depth), (flag, seen)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_fp32_equals_float32_kernel_on_upcast_inputs(masked):
+    """attention(fp32=True) on bf16 inputs is exactly torch's float32 kernel on the upcast inputs, cast back."""
+    import pixsigma.model.transformer as tr
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16).bfloat16() for n in (40, 24, 24))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask[1, ..., 7:] = False
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    out = tr.attention(q, k, v, mask, fp32=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    # and it is within bf16 rounding of a float64 computation
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    if masked:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    exact = scores.softmax(-1) @ v.double()
+    assert (out.double() - exact).abs().max().item() < 2e-2
+
+
+def test_gradient_checkpointing_recomputes_each_block_in_backward(monkeypatch):
+    """With the switch on, in training with gradients, every block goes through
+    torch.utils.checkpoint and its layers run twice (forward, then recomputed in backward);
+    otherwise once. (Counted on the first layer of each block: the recomputation stops as soon as
+    it has rebuilt what backward needs, so a hook on the block itself would not see it.)"""
+    import pixsigma.model.transformer as tr
+
+    calls = []
+    real = tr.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "checkpoint", spy)
+    model = randomized(compressed_config()).train()
+    runs = Counter()
+    for i, block in enumerate(model.blocks):
+        block.attn.qkv.register_forward_hook(lambda module, inputs, output, i=i: runs.update([i]))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.randn(2, 16, 32)
+    no_drop = torch.zeros(2, dtype=torch.bool)
+
+    def step(flag, train=True, grad=True):
+        calls.clear()
+        runs.clear()
+        model.set_runtime_options(gradient_checkpointing=flag).train(train)
+        with torch.set_grad_enabled(grad):
+            out = model(x, t, y, force_drop_ids=no_drop)
+            if grad:
+                out.square().mean().backward()
+        return list(calls), dict(runs)
+
+    everyone_once, everyone_twice = {0: 1, 1: 1}, {0: 2, 1: 2}
+    assert step(True) == (list(model.blocks), everyone_twice)
+    assert step(False) == ([], everyone_once)
+    assert step(True, train=False) == ([], everyone_once)  # eval: no checkpointing
+    assert step(True, grad=False) == ([], everyone_once)  # no gradients: no checkpointing

@@ -1,14 +1,13 @@
-"""The PixArt-Σ transformer (transformer.py) and its checkpoints (checkpoint.py)."""
+"""The PixArt-Σ transformer (transformer.py), its checkpoints (checkpoint.py) and the stage
+transitions between training stages (transitions.py)."""
 
 from pixsigma.model.checkpoint import (
-    add_kv_compression,
-    change_caption_tokens,
-    change_resolution,
     convert,
     load_transformer,
     save_transformer,
 )
 from pixsigma.model.transformer import (
+    PRESETS,
     SMALL,
     TINY,
     XL_2,
@@ -19,4 +18,10 @@ from pixsigma.model.transformer import (
     count_parameters,
     deep_half,
     xl2_at,
+)
+from pixsigma.model.transitions import (
+    add_kv_compression,
+    change_caption_tokens,
+    change_resolution,
+    grow_depth,
 )

@@ -1,4 +1,4 @@
-"""Checkpoints: load any PixArt-Σ/α layout, save in three, and change a model between stages.
+"""Checkpoints: load any PixArt-Σ/α layout and save in three.
 
 Layouts
 - official: a .pth holding {"state_dict": {...}} or the flat dict, keys as in the official code.
@@ -11,27 +11,25 @@ Layouts
 What the weights tell (depth, widths, patch, channels, caption length, compressed layers and R,
 qk_norm, micro-conditions) is read from them; what they cannot tell comes from the file's
 metadata or folder config, then from keyword overrides, then from the released files' defaults.
+
+Changing a model between training stages (KV compression, depth, resolution, caption length)
+lives in `pixsigma.model.transitions`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pixsigma.errors import PixsigmaError
-from pixsigma.model.transformer import (
-    KVCompressConfig,
-    PixArtSigmaTransformer,
-    TransformerConfig,
-    conv_avg_init,
-    deep_half,
-)
+from pixsigma.io import atomic_write, write_json, write_safetensors
+from pixsigma.model.transformer import KVCompressConfig, PixArtSigmaTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +390,6 @@ def load_transformer(path, device="cpu", dtype=None, **overrides) -> PixArtSigma
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, assign=True)
     model.history = history
-    model._pos_cache = {}
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
@@ -403,52 +400,30 @@ def load_transformer(path, device="cpu", dtype=None, **overrides) -> PixArtSigma
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def save_safetensors(model: PixArtSigmaTransformer, path, extra_metadata: dict | None = None) -> Path:
     """The project's single file: official key names, config + history in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     meta = {CONFIG_KEY: json.dumps(config_to_dict(model.config)), HISTORY_KEY: json.dumps(getattr(model, "history", []))}
     meta.update(extra_metadata or {})
-    sd = _contiguous(model.state_dict())
-    _atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
-    return path
+    return write_safetensors(path, model.state_dict(), meta)
 
 
 def save_official(model: PixArtSigmaTransformer, path) -> Path:
-    path = Path(path)
     sd = _contiguous(model.state_dict())
-    _atomic(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
 
 
 def save_diffusers(model: PixArtSigmaTransformer, folder) -> Path:
-    from safetensors.torch import save_file
-
+    """A diffusers transformer folder: config.json, the weights, and the null caption beside them."""
     folder = Path(folder)
     config = diffusers_config(model.config)
     sd = _contiguous(model.state_dict())
-    null = {"y_embedder.y_embedding": sd["y_embedder.y_embedding"]}
-    weights = official_to_diffusers(sd)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-    _atomic(folder / NULL_CAPTION_FILE, lambda tmp: save_file(null, str(tmp)))
-    _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    write_safetensors(folder / DIFFUSERS_WEIGHTS, official_to_diffusers(sd), {"format": "pt"})
+    write_safetensors(folder / NULL_CAPTION_FILE, {"y_embedder.y_embedding": sd["y_embedder.y_embedding"]})
+    write_json(folder / "config.json", config)
     return folder
 
 
@@ -476,97 +451,22 @@ def convert(src, dst, to: str = "safetensors", **overrides) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage transitions (the training issue turns these into `pixsigma adapt ...` commands)
+# Names that moved to pixsigma.model.transitions
 # ---------------------------------------------------------------------------------------------
 
-
-def _rebuild(model: PixArtSigmaTransformer, config: TransformerConfig, action: dict, state: dict | None = None) -> PixArtSigmaTransformer:
-    """A new model with `config`, holding every weight of `state` (default: `model`'s) that still fits."""
-    param = next(model.parameters())
-    new = PixArtSigmaTransformer(config).to(device=param.device, dtype=param.dtype)
-    missing, unexpected = new.load_state_dict(model.state_dict() if state is None else state, strict=False)
-    if unexpected:
-        raise PixsigmaError(f"cannot carry weights {unexpected[:3]} into the new config")
-    new.history = list(getattr(model, "history", [])) + [action]
-    new.attention_fp32 = model.attention_fp32
-    new.train(model.training)
-    return new
+_MOVED_TO_TRANSITIONS = ("add_kv_compression", "change_caption_tokens", "change_resolution", "grow_depth")
 
 
-def add_kv_compression(model, layers=None, operator: str = "conv", ratio: int = 2) -> PixArtSigmaTransformer:
-    """Turn on KV compression in `layers` (default: the deep half); new convs get Conv Avg Init."""
-    layers = tuple(deep_half(model.config.depth) if layers is None else layers)
-    try:
-        kv = KVCompressConfig(operator=operator, ratio=ratio, layers=layers)
-        config = model.config.with_(kv_compress=kv)
-    except ValueError as e:
-        raise PixsigmaError(str(e)) from None
-    new = _rebuild(model, config, {"action": "kv-compress", "operator": operator, "ratio": ratio, "layers": list(kv.layers)})
-    for block in new.blocks:
-        if block.attn.kv_operator == "conv":
-            conv_avg_init(block.attn.sr)
-            torch.nn.init.ones_(block.attn.norm.weight)
-            torch.nn.init.zeros_(block.attn.norm.bias)
-    return new
+def __getattr__(name: str):
+    """The stage transitions moved to `pixsigma.model.transitions`; the old import path still works, with a warning."""
+    if name in _MOVED_TO_TRANSITIONS:
+        from pixsigma.model import transitions
 
-
-def grow_depth(model, add: int, at: int | None = None) -> PixArtSigmaTransformer:
-    """Insert `add` blocks before block `at` (default: after the shallow half), keeping the
-    function: each new block is a copy of a neighbour (the first half of them of block at-1, the
-    rest of block at) with its three residual output projections (attention, cross-attention,
-    MLP) zeroed, so it adds nothing until training moves them; like adaLN-zero, the gradient still
-    reaches those projections at once. A new block compresses keys/values iff its source does."""
-    depth = model.config.depth
-    at = depth // 2 if at is None else at
-    if add <= 0:
-        raise PixsigmaError(f"add must be a positive number of blocks, got {add}")
-    if not 0 < at < depth:
-        raise PixsigmaError(f"at must lie in 1..{depth - 1} (a new block copies a neighbour on each side), got {at}")
-    # new block index -> the old block whose weights it starts from
-    sources = list(range(at)) + [at - 1 if k < add // 2 else at for k in range(add)] + list(range(at, depth))
-    inserted = range(at, at + add)
-    kv = model.config.kv_compress
-    layers = tuple(i for i, s in enumerate(sources) if s in kv.layers)
-    config = model.config.with_(depth=depth + add, kv_compress=KVCompressConfig(operator=kv.operator, ratio=kv.ratio, layers=layers))
-    old = model.state_dict()
-    state = {k: v for k, v in old.items() if not k.startswith("blocks.")}
-    for i, s in enumerate(sources):
-        prefix = f"blocks.{s}."
-        state.update({f"blocks.{i}.{k[len(prefix):]}": v.clone() for k, v in old.items() if k.startswith(prefix)})
-        if i in inserted:
-            for name in ("attn.proj", "cross_attn.proj", "mlp.fc2"):
-                state[f"blocks.{i}.{name}.weight"].zero_()
-                state[f"blocks.{i}.{name}.bias"].zero_()
-    return _rebuild(model, config, {"action": "depth", "from": depth, "depth": depth + add, "inserted_at": at,
-                                    "kv_compress_layers": list(layers)}, state)
-
-
-def change_resolution(model, sample_size: int, pe_interpolation: float | None = None) -> PixArtSigmaTransformer:
-    """Move to a new training resolution: the position embedding is recomputed on the new grid
-    (positions rescaled to base_size and divided by pe_interpolation), nothing else changes."""
-    if sample_size <= 0 or sample_size % model.config.patch_size:
-        raise PixsigmaError(f"sample_size {sample_size} must be a positive multiple of the patch size {model.config.patch_size}")
-    pe = pe_interpolation if pe_interpolation is not None else model.config.pe_interpolation * sample_size / model.config.sample_size
-    config = model.config.with_(sample_size=sample_size, pe_interpolation=float(pe))
-    return _rebuild(model, config, {"action": "resolution", "from_sample_size": model.config.sample_size,
-                                    "sample_size": sample_size, "pe_interpolation": float(pe)})
-
-
-def change_caption_tokens(model, max_caption_tokens: int) -> PixArtSigmaTransformer:
-    """Change the caption length (e.g. 120 → 300): the null caption is cut, or extended by
-    repeating its last row (the null caption's tail is where padding lives)."""
-    if max_caption_tokens <= 0:
-        raise PixsigmaError(f"max_caption_tokens must be positive, got {max_caption_tokens}")
-    old = model.y_embedder.y_embedding.detach()
-    if max_caption_tokens <= old.shape[0]:
-        null = old[:max_caption_tokens]
-    else:
-        null = torch.cat([old, old[-1:].expand(max_caption_tokens - old.shape[0], -1)])
-    config = model.config.with_(max_caption_tokens=max_caption_tokens)
-    state = {k: v for k, v in model.state_dict().items() if k != "y_embedder.y_embedding"}
-    new = PixArtSigmaTransformer(config).to(device=old.device, dtype=next(model.parameters()).dtype)
-    new.load_state_dict({**state, "y_embedder.y_embedding": null.clone()})
-    new.history = list(getattr(model, "history", [])) + [
-        {"action": "tokens", "from": old.shape[0], "max_caption_tokens": max_caption_tokens}]
-    new.train(model.training)
-    return new
+        warnings.warn(
+            f"pixsigma.model.checkpoint.{name} moved to pixsigma.model.transitions.{name}; import it from there "
+            "(or from pixsigma.model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(transitions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,13 @@ KV token compression (the paper's contribution) lives in `SelfAttention`: in the
 keys and values are merged over R×R windows of the token grid before attention, so N queries
 attend over about N/R² keys.
 
+The file reads in order: configuration and presets, embedding layers, the CPU fast paths,
+attention, blocks, the model. Shapes in comments use B batch, C channels, H×W the token grid,
+N = H·W image tokens, L caption tokens, D the hidden size, R the KV compression ratio.
+
 Checkpoint keys follow the official PixArt code (x_embedder, t_block, blocks.N.attn.qkv, ...), so
 an official state dict loads with `load_state_dict` directly; other layouts are converted in
-`pixsigma.model.checkpoint`.
+`pixsigma.model.checkpoint`, and stage transitions live in `pixsigma.model.transitions`.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 KV_OPERATORS = ("conv", "ave", "uniform")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# Configuration and presets
 # ---------------------------------------------------------------------------------------------
 
 
@@ -52,9 +57,6 @@ class KVCompressConfig:
         return bool(self.layers) and self.ratio > 1
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
 @dataclass(frozen=True)
 class TransformerConfig:
     depth: int = 28
@@ -74,8 +76,9 @@ class TransformerConfig:
     caption_dropout: float = 0.1  # probability of replacing a caption by y_embedding in training
     # What the first output half predicts: "epsilon" (the released models) or "v_prediction"
     # (v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0). With ε, the x0 a sampler derives at the noisiest step is
-    # x_t/sqrt(ᾱ) minus ε̂ scaled by sqrt((1−ᾱ)/ᾱ) ≈ 157 at t = 999, so a small network's 1% error in
-    # ε̂ becomes noise-driven layout; v keeps that error at its own size. Samplers and the loss read it.
+    # x_t/sqrt(ᾱ) minus ε̂ scaled by sqrt((1−ᾱ)/ᾱ) ≈ 157 at t = 999, so a small error in ε̂
+    # becomes a large error in the layout; v keeps that error at its own size. Samplers and the
+    # loss read it.
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
@@ -143,15 +146,6 @@ SMALL = TransformerConfig(
 PRESETS: dict[str, TransformerConfig] = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}
 
 
-def count_parameters(config_or_model) -> int:
-    """Trainable parameters (the null caption `y_embedding` is a buffer, so it is not counted)."""
-    model = config_or_model
-    if isinstance(model, TransformerConfig):
-        with torch.device("meta"):
-            model = PixArtSigmaTransformer(config_or_model)
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +155,8 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """[sin(pos·ω), cos(pos·ω)] with ω_k = 1 / 10000^(k / (dim/2)); computed in float64."""
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
     omega = 1.0 / 10000**omega
-    angles = positions.reshape(-1, 1).to(torch.float64) * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    angles = positions.reshape(-1, 1).to(torch.float64) * omega[None]  # (P, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (P, dim)
 
 
 def sincos_2d(dim: int, h: int, w: int, base_size: int, pe_interpolation: float) -> torch.Tensor:
@@ -175,8 +169,8 @@ def sincos_2d(dim: int, h: int, w: int, base_size: int, pe_interpolation: float)
     """
     rows = torch.arange(h, dtype=torch.float64) / (h / base_size) / pe_interpolation
     cols = torch.arange(w, dtype=torch.float64) / (w / base_size) / pe_interpolation
-    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, grid_cols), sincos_1d(dim // 2, grid_rows)], dim=1)
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")  # (H, W) each
+    emb = torch.cat([sincos_1d(dim // 2, grid_cols), sincos_1d(dim // 2, grid_rows)], dim=1)  # (H·W, dim)
     return emb.float()
 
 
@@ -184,8 +178,8 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000
     """[cos, sin] sinusoid of (possibly fractional) timesteps, in float32."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
 class TimestepEmbedder(nn.Module):
@@ -197,8 +191,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_sinusoid(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
-        return self.mlp(freq)
+        freq = timestep_sinusoid(t, self.frequency_dim).to(self.mlp[0].weight.dtype)  # (B, 256)
+        return self.mlp(freq)  # (B, D)
 
 
 class SizeEmbedder(TimestepEmbedder):
@@ -206,7 +200,7 @@ class SizeEmbedder(TimestepEmbedder):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         b = s.shape[0]
-        return super().forward(s.reshape(-1)).reshape(b, -1)
+        return super().forward(s.reshape(-1)).reshape(b, -1)  # (B·k, D) → (B, k·D)
 
 
 class CaptionEmbedder(nn.Module):
@@ -222,7 +216,58 @@ class CaptionEmbedder(nn.Module):
         self.register_buffer("y_embedding", torch.randn(max_tokens, caption_channels) / caption_channels**0.5)
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
-        return self.y_proj.fc2(self.y_proj.act(self.y_proj.fc1(y)))
+        return self.y_proj.fc2(self.y_proj.act(self.y_proj.fc1(y)))  # (B, L, caption_channels) → (B, L, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU fast paths
+#
+# Two rewrites that give the same numbers as the plain code (to rounding) and run faster on CPU,
+# where the toy model trains; benchmarks/cpu_training.py times each against the code it replaces
+# (it switches them off by setting CPU_MATMUL_ATTENTION_MAX_SCORES to 0 and replacing
+# `depthwise_window_conv` by nn.Conv2d's kernel).
+# 1. Half-precision attention over short sequences as two matmuls instead of torch's fused
+#    kernel, which is slower on CPU for such shapes in bf16/fp16, forward and backward.
+# 2. The KV-compression conv (depthwise, kernel = stride = R) as R² strided multiply-adds over
+#    the windows instead of the conv kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+# Largest score matrix (B·heads·Nq·Nk elements, 64 MiB in bf16) that takes the matmul path:
+# below it, materialising the scores costs little memory. Larger grids keep the fused kernel.
+CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
+
+
+def cpu_matmul_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention` takes the matmul path: half precision on CPU, a small score matrix."""
+    b, h, nq, _ = q.shape
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and b * h * nq * k.shape[-2] <= CPU_MATMUL_ATTENTION_MAX_SCORES)
+
+
+def cpu_matmul_attention(q, k, v, mask=None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v with the scores materialised: (B, heads, Nq, d)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # every row keeps a valid column
+    return scores.softmax(dim=-1) @ v  # the CPU softmax accumulates half precision in fp32
+
+
+def depthwise_window_conv(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`Conv2d(C, C, kernel_size=R, stride=R, groups=C)` as R² multiply-adds: (B, C, H, W) → (B, H/R·W/R, C).
+
+    H and W must be multiples of R. `grid` may be a channels-last view; each output token is the
+    weighted sum of the R² tokens of its window plus the bias, exactly what the conv computes.
+    """
+    b, c, h, w = grid.shape
+    r = weight.shape[-1]
+    windows = grid.permute(0, 2, 3, 1).reshape(b, h // r, r, w // r, r, c)  # (B, H/R, R, W/R, R, C)
+    weight = weight.to(windows.dtype).view(c, r, r)
+    merged = bias.to(windows.dtype)
+    for i in range(r):
+        for j in range(r):
+            merged = merged + windows[:, :, i, :, j] * weight[:, i, j]  # (B, H/R, W/R, C)
+    return merged.reshape(b, -1, c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,42 +275,39 @@ class CaptionEmbedder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-# Largest score matrix (B·heads·Nq·Nk elements, 64 MiB in bf16) that half-precision attention on
-# CPU computes with two plain matmuls instead of torch's fused kernel: for short sequences the
-# fused CPU kernel is 1.6-3.4× slower forward + backward in bf16 (benchmarks/cpu_training.py), and
-# below this size materialising the scores costs little memory. Larger grids keep the fused kernel.
-CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
-
-
 def attention(q, k, v, mask=None, fp32: bool = False):
     """Scaled dot-product attention over (B, heads, N, head_dim) tensors.
 
     `mask` is boolean (True = attend) and broadcastable to (B, heads, Nq, Nk). `fp32` runs the
-    kernel in float32 for half-precision weights (the paper trains with fp32 attention).
+    kernel in float32 for half-precision weights (the paper trains with fp32 attention); the
+    result comes back in q's dtype.
     """
     dtype = q.dtype
     if fp32 and dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
-    b, h, nq, d = q.shape
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and b * h * nq * k.shape[-2] <= CPU_MATMUL_ATTENTION_MAX_SCORES):
-        scores = (q * d**-0.5) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # every row keeps a valid column
-        out = scores.softmax(dim=-1) @ v  # the CPU softmax accumulates half precision in fp32
+    if cpu_matmul_attention_applies(q, k, v):
+        out = cpu_matmul_attention(q, k, v, mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.to(dtype)
+    return out.to(dtype)  # (B, heads, Nq, head_dim)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, heads, N, C/heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, heads·d)
+
+
+def conv_avg_init(conv: nn.Conv2d) -> None:
+    """Conv Avg Init: start the compression conv as an R×R average (weights 1/R², bias 0)."""
+    r = conv.kernel_size[0]
+    with torch.no_grad():
+        conv.weight.fill_(1.0 / (r * r))
+        conv.bias.zero_()
 
 
 class SelfAttention(nn.Module):
@@ -302,43 +344,26 @@ class SelfAttention(nn.Module):
         if self.kv_operator == "uniform":
             return t.view(b, h, w, c)[:, ::r, ::r].reshape(b, -1, c)
         # A permuted view, not a copy: (B, C, H, W) in channels-last memory, which the pooling and
-        # depthwise-conv kernels take as is and return in the same layout.
-        grid = t.view(b, h, w, c).permute(0, 3, 1, 2)
+        # the window multiply-adds take as is.
+        grid = t.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.kv_operator == "ave":
-            pooled = F.avg_pool2d(grid, r, r, ceil_mode=True, count_include_pad=False)
+            pooled = F.avg_pool2d(grid, r, r, ceil_mode=True, count_include_pad=False)  # (B, C, H/R, W/R)
             return pooled.permute(0, 2, 3, 1).reshape(b, -1, c)
         pad_h, pad_w = (-h) % r, (-w) % r
         if pad_h or pad_w:
-            grid = F.pad(grid, (0, pad_w, 0, pad_h), mode="replicate")
-        # The depthwise conv's kernel equals its stride, so each output token is a weighted sum
-        # of the R² tokens of its window: R² strided multiply-adds, ~2-3× faster forward + backward
-        # on CPU than the conv kernel (benchmarks/cpu_training.py) and the same numbers.
-        windows = grid.permute(0, 2, 3, 1).reshape(b, (h + pad_h) // r, r, (w + pad_w) // r, r, c)
-        weight = self.sr.weight.to(windows.dtype).view(c, r, r)
-        merged = self.sr.bias.to(windows.dtype)
-        for i in range(r):
-            for j in range(r):
-                merged = merged + windows[:, :, i, :, j] * weight[:, i, j]
-        return self.norm(merged.reshape(b, -1, c))
+            grid = F.pad(grid, (0, pad_w, 0, pad_h), mode="replicate")  # (B, C, H + pad_h, W + pad_w)
+        return self.norm(depthwise_window_conv(grid, self.sr.weight, self.sr.bias))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], attention_fp32: bool = False) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, D) each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kv_operator is not None:
             # K and V share the operator: merge them in one call over a doubled batch.
-            k, v = self.compress(torch.cat([k, v]), hw).chunk(2)
-        out = attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads), fp32=attention_fp32)
-        return self.proj(merge_heads(out))
-
-
-def conv_avg_init(conv: nn.Conv2d) -> None:
-    """Conv Avg Init: start the compression conv as an R×R average (weights 1/R², bias 0)."""
-    r = conv.kernel_size[0]
-    with torch.no_grad():
-        conv.weight.fill_(1.0 / (r * r))
-        conv.bias.zero_()
+            k, v = self.compress(torch.cat([k, v]), hw).chunk(2)  # (B, N/R², D) each
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B, heads, N or N/R², D/heads)
+        out = attention(q, k, v, fp32=attention_fp32)  # (B, heads, N, D/heads)
+        return self.proj(merge_heads(out))  # (B, N, D)
 
 
 @dataclass
@@ -364,13 +389,13 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def caption_kv(self, y: torch.Tensor):
-        k, v = self.kv_linear(y).chunk(2, dim=-1)
-        return split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+        k, v = self.kv_linear(y).chunk(2, dim=-1)  # (B, L, D) each
+        return split_heads(k, self.num_heads), split_heads(v, self.num_heads)  # (B, heads, L, D/heads)
 
     def forward(self, x, kv, mask, attention_fp32: bool = False):
-        q = split_heads(self.q_linear(x), self.num_heads)
-        out = attention(q, kv[0], kv[1], mask, fp32=attention_fp32)
-        return self.proj(merge_heads(out))
+        q = split_heads(self.q_linear(x), self.num_heads)  # (B, heads, N, D/heads)
+        out = attention(q, kv[0], kv[1], mask, fp32=attention_fp32)  # (B, heads, N, D/heads)
+        return self.proj(merge_heads(out))  # (B, N, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +415,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))  # (B, N, D) → (B, N, mlp_ratio·D) → (B, N, D)
 
 
 class PixArtBlock(nn.Module):
+    """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation and gates."""
+
     def __init__(self, config: TransformerConfig, index: int):
         super().__init__()
         d = config.hidden_size
@@ -413,14 +440,14 @@ class PixArtBlock(nn.Module):
         b = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t6.reshape(b, 6, -1)
-        ).chunk(6, dim=1)
+        ).chunk(6, dim=1)  # (B, 1, D) each
         # x may be a float32 residual stream around half-precision weights (see
-        # PixArtSigmaTransformer.residual_fp32): each sub-layer gets its input in the weights'
-        # dtype and its output is added back in x's dtype. In fp32 the casts are no-ops.
+        # PixArtSigmaTransformer.set_runtime_options): each sub-layer gets its input in the
+        # weights' dtype and its output is added back in x's dtype. In fp32 the casts are no-ops.
         w = self.scale_shift_table.dtype
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa).to(w), hw, attention_fp32)
-        x = x + self.cross_attn(x.to(w), caption_kv, caption_mask, attention_fp32)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp).to(w))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa).to(w), hw, attention_fp32)  # (B, N, D)
+        x = x + self.cross_attn(x.to(w), caption_kv, caption_mask, attention_fp32)  # (B, N, D)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp).to(w))  # (B, N, D)
         return x
 
 
@@ -432,8 +459,9 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
     def forward(self, x, t):
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale).to(self.linear.weight.dtype))
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = modulate(self.norm_final(x), shift, scale).to(self.linear.weight.dtype)  # (B, N, D)
+        return self.linear(x)  # (B, N, p·p·out_channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,16 +475,16 @@ class PixArtSigmaTransformer(nn.Module):
     x: (B, in_channels, H, W) latents, H and W multiples of the patch size (any aspect ratio);
     timestep: (B,) in [0, 1000); caption: (B, L, caption_channels) text-encoder states, or a
     `CaptionContext` from `prepare_caption`; caption_mask: (B, L), 1 valid / 0 padding.
+    Runtime switches (fp32 attention, gradient checkpointing, fp32 residual stream) are set with
+    `set_runtime_options`.
     """
 
     def __init__(self, config: TransformerConfig = XL_2):
         super().__init__()
         self.config = config
         d, p = config.hidden_size, config.patch_size
-        self.attention_fp32 = False  # run attention in fp32 when the weights are half precision
+        self.attention_fp32 = False
         self.gradient_checkpointing = False
-        # With half-precision weights, carry the residual stream (the sum every block adds to)
-        # in float32: rounding it to bf16 28 times is most of bf16's error, and it costs little.
         self.residual_fp32 = True
         self.history: list[dict] = []  # stage transitions applied to this model (saved in metadata)
         self.x_embedder = nn.Module()
@@ -471,6 +499,29 @@ class PixArtSigmaTransformer(nn.Module):
         self.final_layer = FinalLayer(d, p, config.out_channels)
         self._pos_cache: dict = {}
         self.initialize_weights()
+
+    def set_runtime_options(self, *, attention_fp32: bool | None = None, gradient_checkpointing: bool | None = None,
+                            residual_fp32: bool | None = None) -> "PixArtSigmaTransformer":
+        """Set how the forward pass runs; the weights and the function stay the same. None leaves a switch as it is.
+
+        attention_fp32 (default off): with half-precision weights, run every attention kernel
+            in float32 and cast its output back (the paper trains with fp32 attention).
+        gradient_checkpointing (default off): in training with gradients enabled, keep only each
+            block's inputs and recompute the block in the backward pass (less memory, one more
+            forward per block).
+        residual_fp32 (default on): with half-precision weights, carry the residual stream (the
+            sum every block adds to) in float32; rounding it to bf16 after every block is most of
+            bf16's error, and it costs little.
+
+        The current values are readable as the attributes of the same names. Returns the model.
+        """
+        if attention_fp32 is not None:
+            self.attention_fp32 = bool(attention_fp32)
+        if gradient_checkpointing is not None:
+            self.gradient_checkpointing = bool(gradient_checkpointing)
+        if residual_fp32 is not None:
+            self.residual_fp32 = bool(residual_fp32)
+        return self
 
     # -- init ----------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -499,6 +550,7 @@ class PixArtSigmaTransformer(nn.Module):
 
     # -- pieces ----------------------------------------------------------------------------------
     def pos_embed(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        """The (H·W, D) position embedding of an H×W token grid; the last grid's is cached."""
         key = (h, w, self.config.base_size, self.config.pe_interpolation)
         if torch.compiler.is_compiling():
             # traced into the compiled graph as a constant; the cache would only add a guard on
@@ -514,13 +566,13 @@ class PixArtSigmaTransformer(nn.Module):
         timestep = torch.as_tensor(timestep, device=self.t_block[1].weight.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-        t = self.t_embedder(timestep)
+        t = self.t_embedder(timestep)  # (B, D)
         if self.config.micro_conditions:
             dtype, device = t.dtype, t.device
             csize = torch.as_tensor(hw_pixels, dtype=torch.float32, device=device).reshape(-1, 2).expand(batch, 2)
             ar = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=device).reshape(-1, 1).expand(batch, 1)
-            t = t + torch.cat([self.csize_embedder(csize), self.ar_embedder(ar)], dim=1).to(dtype)
-        return t, self.t_block(t)
+            t = t + torch.cat([self.csize_embedder(csize), self.ar_embedder(ar)], dim=1).to(dtype)  # (B, D)
+        return t, self.t_block(t)  # (B, D), (B, 6D)
 
     def drop_caption(self, caption: torch.Tensor, force_drop_ids=None) -> torch.Tensor:
         """Replace whole captions by the null caption (training dropout or forced for CFG)."""
@@ -530,8 +582,8 @@ class PixArtSigmaTransformer(nn.Module):
             drop = torch.rand(caption.shape[0], device=caption.device) < self.config.caption_dropout
         else:
             drop = torch.as_tensor(force_drop_ids, device=caption.device).bool()
-        null = self.y_embedder.y_embedding[: caption.shape[1]].to(caption.dtype)
-        return torch.where(drop[:, None, None], null[None], caption)
+        null = self.y_embedder.y_embedding[: caption.shape[1]].to(caption.dtype)  # (L, caption_channels)
+        return torch.where(drop[:, None, None], null[None], caption)  # (B, L, caption_channels)
 
     def prepare_caption(self, caption: torch.Tensor, caption_mask: torch.Tensor | None = None) -> CaptionContext:
         """Project the caption and compute every block's cross-attention K/V once.
@@ -543,7 +595,7 @@ class PixArtSigmaTransformer(nn.Module):
         """
         mask = None
         if caption_mask is not None:
-            valid = caption_mask.to(caption.device).bool()
+            valid = caption_mask.to(caption.device).bool()  # (B, L)
             keep = valid.any(dim=0)
             if not keep.all():
                 caption, valid = caption[:, keep], valid[:, keep]
@@ -553,14 +605,15 @@ class PixArtSigmaTransformer(nn.Module):
             # additive mask does) instead of producing NaN.
             valid = valid | ~valid.any(dim=1, keepdim=True)
             if not valid.all():
-                mask = valid[:, None, None, :]
-        y = self.y_embedder.project(caption.to(self.y_embedder.y_proj.fc1.weight.dtype))
+                mask = valid[:, None, None, :]  # (B, 1, 1, L)
+        y = self.y_embedder.project(caption.to(self.y_embedder.y_proj.fc1.weight.dtype))  # (B, L, D)
         kv = [block.cross_attn.caption_kv(y) for block in self.blocks]
         return CaptionContext(kv=kv, mask=mask)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, H·W, p·p·C) tokens → (B, C, H·p, W·p) latents."""
         p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = x.reshape(x.shape[0], h, w, p, p, c)  # (B, H, W, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     # -- forward ---------------------------------------------------------------------------------
@@ -580,14 +633,14 @@ class PixArtSigmaTransformer(nn.Module):
             raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {p}")
         h, w = height // p, width // p
         dtype = self.x_embedder.proj.weight.dtype
-        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)
-        tokens = tokens + self.pos_embed(h, w, x.device, dtype)
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, D), N = H·W tokens
+        tokens = tokens + self.pos_embed(h, w, x.device, dtype)  # (B, N, D)
         if self.residual_fp32:
             tokens = tokens.float()
         if self.config.micro_conditions and hw_pixels is None:
             hw_pixels = [height * 8, width * 8]  # the VAE's factor 8, as in the α pipelines
             aspect_ratio = [height / width]
-        t, t6 = self.embed_timestep(timestep, b, hw_pixels, aspect_ratio)
+        t, t6 = self.embed_timestep(timestep, b, hw_pixels, aspect_ratio)  # (B, D), (B, 6D)
         if isinstance(caption, CaptionContext):
             context = caption
         else:
@@ -597,8 +650,17 @@ class PixArtSigmaTransformer(nn.Module):
         for block, kv in zip(self.blocks, context.kv):
             args = (tokens, t6, kv, context.mask, (h, w), self.attention_fp32)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, *args, use_reentrant=False)
+                tokens = checkpoint(block, *args, use_reentrant=False)  # (B, N, D)
             else:
-                tokens = block(*args)
-        out = self.final_layer(tokens, t)
-        return self.unpatchify(out.to(dtype), h, w)
+                tokens = block(*args)  # (B, N, D)
+        out = self.final_layer(tokens, t)  # (B, N, p·p·out_channels)
+        return self.unpatchify(out.to(dtype), h, w)  # (B, out_channels, H·p, W·p)
+
+
+def count_parameters(config_or_model) -> int:
+    """Trainable parameters (the null caption `y_embedding` is a buffer, so it is not counted)."""
+    model = config_or_model
+    if isinstance(model, TransformerConfig):
+        with torch.device("meta"):
+            model = PixArtSigmaTransformer(config_or_model)
+    return sum(p.numel() for p in model.parameters())
