@@ -47,13 +47,20 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` to produce the file at a temporary path, then rename it onto `path`."""
+def atomic_write(path, write: Callable[[Path], None], fsync: bool = False) -> Path:
+    """Call `write(tmp)` to produce the file at a temporary path, then rename it onto `path`.
+
+    `fsync=True` flushes the file to disk before the rename, for pointers that must survive a
+    power loss (a kill alone never leaves a partial file either way).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
         write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -65,8 +72,8 @@ def write_bytes(path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_text(path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text(path, text: str, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
 
 
 def write_json(path, obj, indent: int | None = 2) -> Path:

@@ -2,8 +2,9 @@
 
 - 2 data-parallel processes (torchrun, gloo) end with identical weights on both ranks, equal to
   one process with the same global batch (to fp32 tolerance).
-- A run killed with SIGKILL after a checkpoint and resumed ends bit-identical to an
-  uninterrupted run.
+- A run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run: killed at
+  fixed points (right after a checkpoint is published; inside a checkpoint write, after the
+  weights, before state.json and the rename), and once at a random time (slow).
 """
 
 import json
@@ -15,12 +16,43 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.test_train_loop import synthetic_cache
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+_PATH = [str(Path(__file__).resolve().parent.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(_PATH)}
+
+# `pixsigma train ...` in a process that SIGKILLs itself at a fixed point of checkpoint step
+# argv[2]: "after" = once the checkpoint is published (its folder renamed, `latest` updated),
+# "inside" = while it is written (weights, EMA, optimizer and RNG files are in the temporary
+# folder; state.json and the rename are not done).
+KILL_AT = """
+import os, signal, sys
+from pixsigma import cli
+from pixsigma.train import checkpointing, loop
+
+where, at = sys.argv[1], int(sys.argv[2])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if where == "after":
+    save = loop.save_checkpoint
+    def save_then_die(run_dir, step, **kw):
+        out = save(run_dir, step, **kw)
+        if step == at:
+            die()
+        return out
+    loop.save_checkpoint = save_then_die
+else:
+    write_json = checkpointing.write_json
+    def write_json_or_die(path, obj, **kw):
+        if path.name == "state.json" and obj["step"] == at:
+            die()
+        return write_json(path, obj, **kw)
+    checkpointing.write_json = write_json_or_die
+sys.exit(cli.main(sys.argv[3:]))
+"""
 
 
 def _config(path: Path, cache: Path, **extra) -> Path:
@@ -70,7 +102,67 @@ def test_two_processes_match_one(tmp_path):
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def _assert_same_end(ref: Path, run: Path, steps: int) -> None:
+    """The final model, EMA and optimizer state are bit-identical, and so are the last logged losses."""
+    a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = f"checkpoints/step-{steps:08d}"
+    for name in ("ema.safetensors", "optimizer.safetensors"):
+        a, b = load_file(ref / final / name), load_file(run / final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [json.loads(l)["loss"] for l in open(d / "log.jsonl") if '"loss"' in l]  # noqa: E731
+    assert losses(run)[-steps // 2:] == losses(ref)[-steps // 2:]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(config, cache, reference run folder): 12 steps, a checkpoint every 4, uninterrupted."""
+    root = tmp_path_factory.mktemp("kill")
+    cache = synthetic_cache(root / "cache")
+    cfg = _config(root / "c.toml", cache, steps=12, every=4)
+    ref = subprocess.run(_cli("train", cfg, "--output", root / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return cfg, root / "ref"
+
+
+def _killed(cfg: Path, run: Path, where: str, step: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_AT, where, str(step), "train", str(cfg), "--output", str(run)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _latest_step(run: Path) -> int:
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return json.loads((latest / "state.json").read_text())["step"]
+
+
+def test_kill_right_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, short_run):
+    cfg, ref = short_run
+    run = tmp_path / "killed"
+    killed = _killed(cfg, run, "after", 8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _latest_step(run) == 8 and not (run / "model.safetensors").exists()
+    res = subprocess.run(_cli("train", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _assert_same_end(ref, run, 12)
+
+
+def test_kill_inside_a_checkpoint_write_then_resume_is_bit_identical(tmp_path, short_run):
+    cfg, ref = short_run
+    run = tmp_path / "killed"
+    killed = _killed(cfg, run, "inside", 8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = run / "checkpoints" / ".tmp-step-00000008"
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors"} <= {f.name for f in partial.iterdir()}
+    assert not (partial / "state.json").exists() and not (run / "checkpoints" / "step-00000008").exists()
+    assert _latest_step(run) == 4  # `latest` still names the last complete checkpoint
+    res = subprocess.run(_cli("train", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not partial.exists() and _latest_step(run) == 12
+    _assert_same_end(ref, run, 12)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_time_then_resume_is_bit_identical(tmp_path):
     cache = synthetic_cache(tmp_path / "cache")
     cfg = _config(tmp_path / "c.toml", cache, steps=60, every=10)
     ref = subprocess.run(_cli("train", cfg, "--output", tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=300)

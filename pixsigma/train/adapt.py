@@ -20,23 +20,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from pixsigma.data.buckets import aspect_bins
+from pixsigma.data.cache import META, STALE
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import write_text
+from pixsigma.model.checkpoint import load_transformer, save_safetensors
+from pixsigma.model.transformer import deep_half
+from pixsigma.model.transitions import add_kv_compression, change_caption_tokens, change_resolution, grow_depth
 
 log = logging.getLogger(__name__)
 
 
 def _load(src):
-    from pixsigma.model.checkpoint import load_transformer
-
     return load_transformer(src)
 
 
 def _save(model, dst, extra: dict | None = None) -> Path:
-    from pixsigma.model.checkpoint import save_safetensors
-
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise PixsigmaError(f"{dst}: the adapted checkpoint is a pixsigma .safetensors file; name it *.safetensors")
@@ -92,23 +93,16 @@ def adapt_vae(src, dst, vae, caches=()) -> Path:
 
 
 def mark_stale(cache_dir, reason: str) -> Path:
-    from pixsigma.data.cache import META, STALE
-
+    """Write the cache's STALE file (`reason`): training then refuses the cache."""
     cache_dir = Path(cache_dir)
     if not (cache_dir / META).is_file():
         raise PixsigmaError(f"{cache_dir}: not a feature cache (no {META})")
-    path = cache_dir / STALE
-    tmp = path.with_name(f".{STALE}.tmp{os.getpid()}")
-    tmp.write_text(reason + "\n")
-    os.replace(tmp, path)
+    path = write_text(cache_dir / STALE, reason + "\n")
     log.info("marked %s stale", cache_dir)
     return path
 
 
 def adapt_resolution(src, dst, resolution: int, pe_interpolation: float | None = None, vae_factor: int | None = None) -> Path:
-    from pixsigma.data.buckets import aspect_bins
-    from pixsigma.model.checkpoint import change_resolution
-
     model = _load(src)
     factor = vae_factor or vae_factor_of(model)
     if resolution <= 0 or resolution % (factor * model.config.patch_size):
@@ -122,8 +116,6 @@ def adapt_resolution(src, dst, resolution: int, pe_interpolation: float | None =
 
 def parse_layers(text: str | None, depth: int):
     """'deep' / None → the deep half; 'all'; '14-27'; '3,5,7' (0-based block indices)."""
-    from pixsigma.model.transformer import deep_half
-
     if text is None or text == "deep":
         return deep_half(depth)
     if text == "all":
@@ -146,8 +138,6 @@ def parse_layers(text: str | None, depth: int):
 
 
 def adapt_kv_compress(src, dst, layers=None, operator: str = "conv", ratio: int = 2) -> Path:
-    from pixsigma.model.checkpoint import add_kv_compression
-
     model = _load(src)
     if isinstance(layers, str) or layers is None:
         layers = parse_layers(layers, model.config.depth)
@@ -155,12 +145,8 @@ def adapt_kv_compress(src, dst, layers=None, operator: str = "conv", ratio: int 
 
 
 def adapt_tokens(src, dst, tokens: int) -> Path:
-    from pixsigma.model.checkpoint import change_caption_tokens
-
     return _save(change_caption_tokens(_load(src), tokens), dst)
 
 
 def adapt_depth(src, dst, add: int, at: int | None = None) -> Path:
-    from pixsigma.model.checkpoint import grow_depth
-
     return _save(grow_depth(_load(src), add, at), dst)

@@ -8,9 +8,10 @@
 - `state.json`: step, data position (epoch, batch index in epoch), lr, loss-scaler state, config;
 - `rng-rank{R}.json`: each process's python / numpy / torch (and CUDA) RNG states and the
   training generator.
-The folder is assembled as `.tmp-step-…` and renamed into place; only then is the `latest` file
-(its name) replaced atomically, and older checkpoints beyond `keep` removed. A kill at any moment
-leaves `latest` naming a complete checkpoint.
+Every file is written through `pixsigma.io`. The folder is assembled as `.tmp-step-…` (one fixed
+name, since every rank writes its RNG file into it) and renamed into place; only then is the
+`latest` file (its name) replaced atomically, and older checkpoints beyond `keep` removed. A kill
+at any moment leaves `latest` naming a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import write_json, write_safetensors, write_text
+from pixsigma.model.checkpoint import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +40,6 @@ _STEP_DIR = re.compile(r"step-(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,42 +121,48 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _write_shared_files(folder: Path, step: int, model, ema, optimizer_state: dict | None, state: dict) -> None:
+    """Rank 0's part of a checkpoint: weights, EMA, optimizer state and state.json."""
+    save_safetensors(model, folder / "model.safetensors", {"pixsigma_step": str(step)})
+    if ema is not None:
+        save_safetensors(ema, folder / "ema.safetensors", {"pixsigma_step": str(step), "pixsigma_ema": "1"})
+    if optimizer_state is not None:
+        tensors, structure = optimizer_to_files(optimizer_state)
+        write_safetensors(folder / "optimizer.safetensors", tensors)
+        write_json(folder / "optimizer.json", structure, indent=None)
+    write_json(folder / "state.json", {**state, "step": step}, indent=1)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Flush the assembled folder to disk, rename it into place, then point `latest` at it."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text(final.parent / LATEST, final.name + "\n", fsync=True)
+
+
 def save_checkpoint(run_dir, step: int, *, model, ema, optimizer_state: dict | None, state: dict, rng: dict,
                     rank: int = 0, barrier=lambda: None, keep: int = 3) -> Path:
     """Write one checkpoint (see module doc). Every process calls it; rank 0 writes the shared
     files, each rank its RNG file; `barrier` synchronizes the processes."""
-    from safetensors.torch import save_file
-
-    from pixsigma.model.checkpoint import save_safetensors
-
     root = checkpoint_root(run_dir)
     name = step_dir_name(step)
     tmp, final = root / f".tmp-{name}", root / name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
+        if tmp.exists():  # left by a run killed while writing this step
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng))
+    write_json(tmp / f"rng-rank{rank}.json", rng, indent=None)
     if rank == 0:
-        save_safetensors(model, tmp / "model.safetensors", {"pixsigma_step": str(step)})
-        if ema is not None:
-            save_safetensors(ema, tmp / "ema.safetensors", {"pixsigma_step": str(step), "pixsigma_ema": "1"})
-        if optimizer_state is not None:
-            tensors, structure = optimizer_to_files(optimizer_state)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "optimizer.json").write_text(json.dumps(structure))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        _write_shared_files(tmp, step, model, ema, optimizer_state, state)
     barrier()
     if rank == 0:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, name + "\n")
+        _publish(tmp, final)
         prune(root, keep)
         log.info("checkpoint %s", final)
     barrier()
@@ -196,8 +197,6 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def load_checkpoint(path, rank: int = 0) -> dict:
     """{'state', 'rng', 'model' (state dict), 'ema' (state dict or None), 'optimizer' (tensors, structure)}."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "state.json").is_file():
         raise PixsigmaError(f"{path}: not a training checkpoint (no state.json)")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from pixsigma.diffusion.gaussian import TIMESTEP_SAMPLINGS
 from pixsigma.errors import PixsigmaError
+from pixsigma.model.transformer import PRESETS as MODEL_PRESETS
+from pixsigma.model.transformer import TransformerConfig
 
 # The paper's stages (Table 4): base resolution, steps, per-GPU batch × GPUs, learning rate.
 STAGES: dict[str, dict] = {
@@ -42,7 +44,7 @@ STAGES: dict[str, dict] = {
     "4k": {"resolution": 4096, "max_steps": 1000, "batch_size": 4, "gpus": 8, "lr": 2e-5},
 }
 
-PRESETS = ("tiny", "small", "xl_2")
+PRESETS = tuple(MODEL_PRESETS)  # the names model.preset accepts
 
 
 @dataclass
@@ -273,8 +275,6 @@ def _build(cls, d: dict, prefix: str = ""):
 
 
 def _check_model_overrides(overrides: dict) -> None:
-    from pixsigma.model.transformer import TransformerConfig
-
     names = set(TransformerConfig.__dataclass_fields__)
     for key in overrides:
         if key not in names:

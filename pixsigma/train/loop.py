@@ -24,19 +24,24 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pixsigma.data.buckets import BucketBatchSampler
-from pixsigma.data.cache import CachedSource, FeatureCache, RawSource, check_not_stale, is_cache, load_text_encoder, load_vae, scale_latents
+from pixsigma.data.cache import (CachedSource, FeatureCache, RawSource, autoencoder, check_not_stale, is_cache, load_text_encoder,
+                                 load_vae, scale_latents, vae_info)
 from pixsigma.data.datasets import CaptionDataset
 from pixsigma.diffusion.gaussian import GaussianDiffusion
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import atomic_write, write_json, weights_hash
+from pixsigma.model.checkpoint import load_transformer, save_safetensors
+from pixsigma.model.transformer import PRESETS, KVCompressConfig, PixArtSigmaTransformer
 from pixsigma.train.checkpointing import latest_checkpoint, load_checkpoint, optimizer_from_files, rng_state, save_checkpoint, set_rng_state
 from pixsigma.train.config import TrainConfig
 
@@ -50,8 +55,6 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: TrainConfig, vae_factor: int, resolution: int | None = None):
     """The transformer: a preset (sized for data.resolution) or `model.init_from`."""
-    from pixsigma.model import SMALL, TINY, XL_2, PixArtSigmaTransformer, load_transformer
-
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
         # the output's meaning may change (fine-tuning ε → v); the shapes may not
@@ -68,15 +71,13 @@ def build_model(cfg: TrainConfig, vae_factor: int, resolution: int | None = None
             except (TypeError, ValueError) as e:
                 raise PixsigmaError(f"model.overrides: {e}") from None
         return model.train()
-    base = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[cfg.model.preset]
+    base = PRESETS[cfg.model.preset]
     res = resolution or cfg.data.resolution
     if res is not None and "sample_size" not in overrides:
         overrides["sample_size"] = res // vae_factor
         if cfg.model.preset == "xl_2" and "pe_interpolation" not in overrides:
             overrides["pe_interpolation"] = res / 512
     if "kv_compress" in overrides and isinstance(overrides["kv_compress"], dict):
-        from pixsigma.model import KVCompressConfig
-
         overrides["kv_compress"] = KVCompressConfig(**overrides["kv_compress"])
     try:
         config = base.with_(**overrides)
@@ -163,7 +164,8 @@ class DataPosition:
 
 
 def _setup_data(cfg: TrainConfig, text_encoder, vae, device):
-    """('cache' | 'raw', source factory needing resolution/multiple/caption length, VAE factor, resolution)."""
+    """(kind, data, VAE factor, resolution): ('cache', FeatureCache, ...) or ('raw', (dataset, text encoder,
+    VAE), ...); the resolution is None when neither the cache nor data.resolution fixes it."""
     d = cfg.data
     if d.cache_dir and is_cache(d.cache_dir):
         check_not_stale(d.cache_dir)
@@ -185,8 +187,6 @@ def _setup_data(cfg: TrainConfig, text_encoder, vae, device):
         if not d.text_encoder:
             raise PixsigmaError("training from raw images needs data.text_encoder (a text encoder folder) or a feature cache")
         text_encoder = load_text_encoder(d.text_encoder)
-    from pixsigma.data.cache import autoencoder, vae_info
-
     autoencoder(vae).to(device)
     return "raw", (dataset, text_encoder, vae), vae_info(vae)["factor"], d.resolution
 
@@ -209,7 +209,6 @@ def validate(cfg: TrainConfig, model, text_encoder, vae, run_dir: Path, step: in
         return None
     was_training = model.training
     try:
-        from pixsigma.data.cache import autoencoder
         from pixsigma.vae import VAE
 
         wrapped = vae if isinstance(vae, VAE) else VAE(autoencoder(vae), device=next(model.parameters()).device)
@@ -233,11 +232,7 @@ def validate(cfg: TrainConfig, model, text_encoder, vae, run_dir: Path, step: in
     for i, im in enumerate(images):
         grid.paste(im, (i * w, 0))
     out_dir = run_dir / "validation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"step-{step:08d}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    path = atomic_write(out_dir / f"step-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
     if writer is not None:
         writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
     log.info("validation grid %s", path)
@@ -265,16 +260,37 @@ def _accelerator(cfg: TrainConfig):
         raise PixsigmaError(f"accelerate cannot set up this run: {' '.join(str(e).split())}") from None
 
 
-def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -> Path:
-    """Train as `cfg` says; returns the exported final model (.safetensors, EMA by default).
+@dataclass
+class Run:
+    """Everything one training process holds between steps."""
 
-    text_encoder / vae: already-built objects for raw-image training (else loaded from
-    data.text_encoder / data.vae; not needed with a feature cache).
-    """
-    from tqdm import tqdm
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    run_dir: Path
+    source: Any  # CachedSource | RawSource
+    sampler: BucketBatchSampler
+    generator: torch.Generator  # shared by all ranks: every data-path draw comes from it
+    model: torch.nn.Module  # as prepared by accelerate (wrapped under DDP / FSDP)
+    raw_model: torch.nn.Module
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    diffusion: GaussianDiffusion
+    text_encoder: Any = None  # loaded for raw-image training only (validation needs them)
+    vae: Any = None
+    step: int = 0
+    position: DataPosition | None = None
+    metrics: Any = None  # log.jsonl, open on the main process
+    writer: Any = None  # TensorBoard SummaryWriter or None
+    logged_step: int = 0  # step and time of the last log line (throughput)
+    logged_at: float = 0.0
 
-    from pixsigma.model.checkpoint import save_safetensors
+    @property
+    def fsdp(self) -> bool:
+        return self.acc.distributed_type.name == "FSDP"
 
+
+def _start(cfg: TrainConfig, resume: bool):
+    """Check the config and the output folder, seed every RNG, and return the accelerator."""
     cfg.validate()
     run_dir = Path(cfg.output.dir)
     if not resume and latest_checkpoint(run_dir) is not None:
@@ -282,7 +298,6 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     if cfg.schedule.deterministic:
         torch.use_deterministic_algorithms(True)
     acc = _accelerator(cfg)
-    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     fsdp = acc.distributed_type.name == "FSDP"
     if cfg.distributed.strategy == "fsdp" and not fsdp:
         log.warning("FSDP was asked for but accelerate runs %s here (FSDP needs GPUs); training data parallel", acc.distributed_type.name)
@@ -293,179 +308,221 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # identical init on every rank
+    return acc
 
-    kind, data, vae_factor, resolution = _setup_data(cfg, text_encoder, vae, device)
+
+def _make_source(cfg: TrainConfig, kind: str, data, mc, vae_factor: int, resolution: int):
+    """(sample source, text encoder, VAE) for a model with config `mc`; the encoders are None on a cache."""
+    ratio, seed, object_weight = cfg.data.long_caption_ratio, cfg.schedule.seed, cfg.schedule.object_loss_weight
+    if kind == "cache":
+        source, text_encoder, vae = CachedSource(data, mc.max_caption_tokens, ratio, seed), None, None
+    else:
+        dataset, text_encoder, vae = data
+        source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed,
+                           loss_masks=object_weight != 1.0)
+    if object_weight != 1.0:
+        if not source.masked:
+            raise PixsigmaError(f"schedule.object_loss_weight = {object_weight:g} needs object masks, but the training "
+                                "data has none; give the dataset records a loss_mask and extract into a new cache folder")
+        if source.masked < len(source):
+            log.warning("%d of %d samples have no loss mask; they train with a plain loss", len(source) - source.masked, len(source))
+    if source.vae["latent_channels"] != mc.in_channels:
+        raise PixsigmaError(f"the VAE gives {source.vae['latent_channels']} latent channels but the model takes {mc.in_channels}")
+    return source, text_encoder, vae
+
+
+def _make_diffusion(cfg: TrainConfig, mc) -> GaussianDiffusion:
+    s = cfg.schedule
+    return GaussianDiffusion(s.num_timesteps, snr_gamma=s.snr_gamma, learn_sigma=mc.learn_sigma, x0_weight_cap=s.x0_weight_cap,
+                             prediction_type=mc.prediction_type, timestep_sampling=s.timestep_sampling,
+                             logit_mean=s.timestep_logit_mean, logit_std=s.timestep_logit_std)
+
+
+def _setup(cfg: TrainConfig, resume: bool, text_encoder, vae) -> Run:
+    """Data, model, EMA, optimizer and the shared generator, made in a fixed order (so every rank,
+    and a resumed run, starts from the same random state)."""
+    acc = _start(cfg, resume)
+    seed = cfg.schedule.seed
+    kind, data, vae_factor, resolution = _setup_data(cfg, text_encoder, vae, acc.device)
     model = build_model(cfg, vae_factor, resolution)
     mc = model.config
     resolution = resolution or cfg.data.resolution or mc.sample_size * vae_factor
     if mc.sample_size * vae_factor != resolution:
         log.warning("the model's training size (sample_size %d × %d = %dpx) differs from the data resolution %dpx; "
                     "pixsigma adapt resolution makes a model for it", mc.sample_size, vae_factor, mc.sample_size * vae_factor, resolution)
-    ratio = cfg.data.long_caption_ratio
-    if kind == "cache":
-        source = CachedSource(data, mc.max_caption_tokens, ratio, seed)
-        text_encoder = vae = None
-    else:
-        dataset, text_encoder, vae = data
-        source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed,
-                           loss_masks=cfg.schedule.object_loss_weight != 1.0)
-    if cfg.schedule.object_loss_weight != 1.0:
-        if not source.masked:
-            raise PixsigmaError(f"schedule.object_loss_weight = {cfg.schedule.object_loss_weight:g} needs object masks, but the training "
-                                "data has none; give the dataset records a loss_mask and extract into a new cache folder")
-        if source.masked < len(source):
-            log.warning("%d of %d samples have no loss mask; they train with a plain loss", len(source) - source.masked, len(source))
-    if source.vae["latent_channels"] != mc.in_channels:
-        raise PixsigmaError(f"the VAE gives {source.vae['latent_channels']} latent channels but the model takes {mc.in_channels}")
-    sampler = BucketBatchSampler(source.buckets(), cfg.schedule.batch_size, seed, rank, world, cfg.data.drop_last)
-    torch.manual_seed(seed + rank)  # per-rank global RNG from here on (nothing in the data path uses it)
+    source, text_encoder, vae = _make_source(cfg, kind, data, mc, vae_factor, resolution)
+    sampler = BucketBatchSampler(source.buckets(), cfg.schedule.batch_size, seed, acc.process_index, acc.num_processes,
+                                 cfg.data.drop_last)
+    torch.manual_seed(seed + acc.process_index)  # per-rank global RNG from here on (nothing in the data path uses it)
     generator = torch.Generator().manual_seed(seed)  # shared: identical draws on every rank
 
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    model.attention_fp32 = cfg.precision.attention_fp32
+    model.set_runtime_options(attention_fp32=cfg.precision.attention_fp32, gradient_checkpointing=cfg.model.gradient_checkpointing)
     ema = None
-    if cfg.optim.ema_decay > 0 and not fsdp:
+    if cfg.optim.ema_decay > 0 and acc.distributed_type.name != "FSDP":
         ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     elif cfg.optim.ema_decay > 0:
         log.warning("EMA is not kept under FSDP (weights are sharded); the exported model is the trained one")
-    model = model.to(device)
+    model = model.to(acc.device)
     optimizer = make_optimizer(cfg, model.parameters())
     model, optimizer = acc.prepare(model, optimizer)
-    raw_model = acc.unwrap_model(model)
-    diffusion = GaussianDiffusion(cfg.schedule.num_timesteps, snr_gamma=cfg.schedule.snr_gamma, learn_sigma=mc.learn_sigma,
-                                 x0_weight_cap=cfg.schedule.x0_weight_cap, prediction_type=mc.prediction_type,
-                                 timestep_sampling=cfg.schedule.timestep_sampling, logit_mean=cfg.schedule.timestep_logit_mean,
-                                 logit_std=cfg.schedule.timestep_logit_std)
+    return Run(cfg=cfg, acc=acc, run_dir=Path(cfg.output.dir), source=source, sampler=sampler, generator=generator, model=model,
+               raw_model=acc.unwrap_model(model), ema=ema, optimizer=optimizer, diffusion=_make_diffusion(cfg, mc),
+               text_encoder=text_encoder, vae=vae, position=DataPosition(sampler))
 
-    step, epoch, index = 0, 0, 0
-    if resume:
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is None:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
-        else:
-            ck = load_checkpoint(ckpt_path, rank)
-            raw_model.load_state_dict(ck["model"])
-            if ema is not None and ck["ema"] is not None:
-                ema.load_state_dict(ck["ema"])
-            if ck["optimizer"] is not None:
-                optimizer.load_state_dict(optimizer_from_files(*ck["optimizer"], like=optimizer.state_dict()))
-            st = ck["state"]
-            step, epoch, index = st["step"], st["epoch"], st["batch_in_epoch"]
-            if st.get("scaler") and acc.scaler is not None:
-                acc.scaler.load_state_dict(st["scaler"])
-            if ck["rng"] is not None:
-                set_rng_state(ck["rng"], generator)
-            log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt_path, step, epoch, index)
-    position = DataPosition(sampler, epoch, index)
-    ema_params = list(ema.parameters()) if ema is not None else []
-    params = list(raw_model.parameters())
 
-    writer = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
-        os.replace(tmp, run_dir / "config.json")
-        if cfg.output.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+def _resume(run: Run) -> None:
+    """Load the latest checkpoint of the run folder into `run`: weights, EMA, optimizer, loss
+    scaler, data position and RNG states. With no checkpoint there the run starts at step 0."""
+    path = latest_checkpoint(run.run_dir)
+    if path is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run.run_dir)
+        return
+    ck = load_checkpoint(path, run.acc.process_index)
+    run.raw_model.load_state_dict(ck["model"])
+    if run.ema is not None and ck["ema"] is not None:
+        run.ema.load_state_dict(ck["ema"])
+    if ck["optimizer"] is not None:
+        run.optimizer.load_state_dict(optimizer_from_files(*ck["optimizer"], like=run.optimizer.state_dict()))
+    st = ck["state"]
+    run.step = st["step"]
+    run.position = DataPosition(run.sampler, st["epoch"], st["batch_in_epoch"])
+    if st.get("scaler") and run.acc.scaler is not None:
+        run.acc.scaler.load_state_dict(st["scaler"])
+    if ck["rng"] is not None:
+        set_rng_state(ck["rng"], run.generator)
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", path, run.step, st["epoch"], st["batch_in_epoch"])
 
-                writer = SummaryWriter(str(run_dir / "tb"))
-            except Exception as e:  # noqa: BLE001 - logging is optional
-                log.warning("TensorBoard logging off (%s)", type(e).__name__)
-    metrics = open(run_dir / "log.jsonl", "a") if main else None
 
-    def checkpoint(at_step: int) -> None:
-        state = {"epoch": position.epoch, "batch_in_epoch": position.index, "lr": lr_at(cfg, at_step),
-                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "config": cfg.to_dict(),
-                 "world_size": world}
-        opt_state = None if fsdp else optimizer.state_dict()  # FSDP: sharded flat state, not saved (no FSDP resume yet)
-        save_checkpoint(run_dir, at_step, model=_model_to_save(acc, model, raw_model), ema=ema, optimizer_state=opt_state,
-                        state=state, rng=rng_state(generator), rank=rank, barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep)
+def _open_logs(run: Run) -> None:
+    """config.json, log.jsonl (appended to) and TensorBoard, on the main process."""
+    run.logged_step, run.logged_at = run.step, time.perf_counter()
+    if not run.acc.is_main_process:
+        return
+    write_json(run.run_dir / "config.json", run.cfg.to_dict(), indent=1)
+    if run.cfg.output.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-    accum, clip = cfg.schedule.grad_accum, cfg.optim.grad_clip
-    samples_per_step = cfg.schedule.batch_size * world * accum
-    bar = tqdm(total=cfg.schedule.max_steps, initial=step, desc="train", unit="step", disable=not main)
-    t_last, steps_since = time.perf_counter(), 0
-    while step < cfg.schedule.max_steps:
-        lr = lr_at(cfg, step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        total = 0.0
-        for micro in range(accum):
-            ep, positions = position.next()
-            batch = source.fetch(positions, ep)
-            sync = micro == accum - 1
-            with (contextlib.nullcontext() if sync else acc.no_sync(model)):
-                loss = batch_loss(model, diffusion, batch, source.vae, generator, rank, world, mc.caption_dropout, device,
-                                  cfg.schedule.object_loss_weight, cfg.schedule.object_mask_margin)
-                acc.backward(loss / accum)
-            total += loss.detach().float() / accum
-        if clip > 0:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None and not acc.optimizer_step_was_skipped:
-            ema_update(ema_params, params, cfg.optim.ema_decay)
-        step += 1
-        steps_since += 1
-        bar.update(1)
-        if step % cfg.schedule.log_every == 0 or step == cfg.schedule.max_steps:
-            loss_all = acc.reduce(total.to(device), "mean").item()
-            now = time.perf_counter()
-            rate = steps_since * samples_per_step / max(now - t_last, 1e-9)
-            t_last, steps_since = now, 0
-            if main:
-                gn = float(grad_norm) if grad_norm is not None else float("nan")
-                bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}")
-                metrics.write(json.dumps({"step": step, "loss": loss_all, "lr": lr, "grad_norm": gn, "samples_per_s": rate}) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_all, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/grad_norm", gn, step)
-                    writer.add_scalar("train/samples_per_s", rate, step)
-        if cfg.checkpointing.every and step % cfg.checkpointing.every == 0 and step < cfg.schedule.max_steps:
-            checkpoint(step)
-        if cfg.validation.every and step % cfg.validation.every == 0 and main:
-            validate(cfg, ema if ema is not None else raw_model, text_encoder, vae, run_dir, step, writer)
-    bar.close()
-    checkpoint(step)
-    digests = rank_digests(acc, raw_model)
-    if main:
-        metrics.write(json.dumps({"step": step, "rank_weight_digests": digests}) + "\n")
+            run.writer = SummaryWriter(str(run.run_dir / "tb"))
+        except Exception as e:  # noqa: BLE001 - logging is optional
+            log.warning("TensorBoard logging off (%s)", type(e).__name__)
+    run.metrics = open(run.run_dir / "log.jsonl", "a")
+
+
+def _train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step over grad_accum micro-batches, then the EMA update.
+
+    Returns (this rank's mean loss, gradient norm before clipping, learning rate)."""
+    cfg, acc, accum = run.cfg, run.acc, run.cfg.schedule.grad_accum
+    lr = lr_at(cfg, run.step)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    total = 0.0
+    for micro in range(accum):
+        epoch, positions = run.position.next()
+        batch = run.source.fetch(positions, epoch)
+        with (contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)):  # sync on the last micro-batch
+            loss = batch_loss(run.model, run.diffusion, batch, run.source.vae, run.generator, acc.process_index, acc.num_processes,
+                              run.raw_model.config.caption_dropout, acc.device, cfg.schedule.object_loss_weight,
+                              cfg.schedule.object_mask_margin)
+            acc.backward(loss / accum)
+        total += loss.detach().float() / accum
+    if cfg.optim.grad_clip > 0:
+        grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None and not acc.optimizer_step_was_skipped:
+        ema_update(list(run.ema.parameters()), list(run.raw_model.parameters()), cfg.optim.ema_decay)
+    run.step += 1
+    return total, grad_norm, lr
+
+
+def _log(run: Run, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
+    """Loss averaged over ranks, lr, gradient norm and throughput to log.jsonl, TensorBoard and the bar."""
+    loss_all = run.acc.reduce(loss.to(run.acc.device), "mean").item()
+    now = time.perf_counter()
+    samples = (run.step - run.logged_step) * run.cfg.schedule.batch_size * run.acc.num_processes * run.cfg.schedule.grad_accum
+    rate = samples / max(now - run.logged_at, 1e-9)
+    run.logged_step, run.logged_at = run.step, now
+    if not run.acc.is_main_process:
+        return
+    gn = float(grad_norm) if grad_norm is not None else float("nan")
+    bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}")
+    run.metrics.write(json.dumps({"step": run.step, "loss": loss_all, "lr": lr, "grad_norm": gn, "samples_per_s": rate}) + "\n")
+    run.metrics.flush()
+    if run.writer is not None:
+        for name, value in (("loss", loss_all), ("lr", lr), ("grad_norm", gn), ("samples_per_s", rate)):
+            run.writer.add_scalar(f"train/{name}", value, run.step)
+
+
+def _checkpoint(run: Run) -> None:
+    acc, cfg = run.acc, run.cfg
+    state = {"epoch": run.position.epoch, "batch_in_epoch": run.position.index, "lr": lr_at(cfg, run.step),
+             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "config": cfg.to_dict(),
+             "world_size": acc.num_processes}
+    opt_state = None if run.fsdp else run.optimizer.state_dict()  # FSDP: sharded flat state, not saved (no FSDP resume yet)
+    save_checkpoint(run.run_dir, run.step, model=_model_to_save(acc, run.model, run.raw_model), ema=run.ema,
+                    optimizer_state=opt_state, state=state, rng=rng_state(run.generator), rank=acc.process_index,
+                    barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep)
+
+
+def _export(run: Run) -> Path:
+    """Check that the ranks agree, write RUN/model.safetensors (EMA or trained weights) and close the run."""
+    acc = run.acc
+    digests = rank_digests(acc, run.raw_model)
+    export = run.run_dir / "model.safetensors"
+    use_ema = run.cfg.checkpointing.export == "ema" and run.ema is not None
+    final = run.ema if use_ema else _model_to_save(acc, run.model, run.raw_model)
+    if acc.is_main_process:
+        run.metrics.write(json.dumps({"step": run.step, "rank_weight_digests": digests}) + "\n")
         if len(set(digests)) > 1:
             log.warning("ranks hold different weights at the end of training: %s", digests)
-    export = run_dir / "model.safetensors"
-    final = ema if (cfg.checkpointing.export == "ema" and ema is not None) else _model_to_save(acc, model, raw_model)
-    if main:
-        save_safetensors(final, export, {"pixsigma_step": str(step), "pixsigma_weights": "ema" if final is ema else "model"})
-        log.info("exported %s (%s weights, step %d)", export, "EMA" if final is ema else "trained", step)
-        metrics.close()
-        if writer is not None:
-            writer.close()
+        save_safetensors(final, export, {"pixsigma_step": str(run.step), "pixsigma_weights": "ema" if use_ema else "model"})
+        log.info("exported %s (%s weights, step %d)", export, "EMA" if use_ema else "trained", run.step)
+        run.metrics.close()
+        if run.writer is not None:
+            run.writer.close()
     acc.wait_for_everyone()
     acc.end_training()
     return export
 
 
-def weights_digest(model) -> str:
-    import hashlib
+def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -> Path:
+    """Train as `cfg` says; returns the exported final model (.safetensors, EMA by default).
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    text_encoder / vae: already-built objects for raw-image training (else loaded from
+    data.text_encoder / data.vae; not needed with a feature cache). resume: continue from the
+    latest checkpoint in output.dir (a fresh start, with a warning, when there is none).
+    """
+    from tqdm import tqdm
+
+    run = _setup(cfg, resume, text_encoder, vae)
+    if resume:
+        _resume(run)
+    _open_logs(run)
+    s, every = cfg.schedule, cfg.checkpointing.every
+    bar = tqdm(total=s.max_steps, initial=run.step, desc="train", unit="step", disable=not run.acc.is_main_process)
+    while run.step < s.max_steps:
+        loss, grad_norm, lr = _train_step(run)
+        bar.update(1)
+        if run.step % s.log_every == 0 or run.step == s.max_steps:
+            _log(run, loss, grad_norm, lr, bar)
+        if every and run.step % every == 0 and run.step < s.max_steps:
+            _checkpoint(run)
+        if cfg.validation.every and run.step % cfg.validation.every == 0 and run.acc.is_main_process:
+            validate(cfg, run.ema if run.ema is not None else run.raw_model, run.text_encoder, run.vae, run.run_dir, run.step, run.writer)
+    bar.close()
+    _checkpoint(run)
+    return _export(run)
 
 
 def rank_digests(acc, model) -> list[str]:
     """Every rank's weight hash (gathered), to check that data-parallel ranks stayed identical."""
     if acc.distributed_type.name == "FSDP":
         return []
-    digest = bytes.fromhex(weights_digest(model))[:16]
+    digest = bytes.fromhex(weights_hash(model.state_dict(), length=32))  # 16 bytes = two int64 per rank
     local = torch.frombuffer(bytearray(digest), dtype=torch.int64).to(acc.device)
     gathered = acc.gather(local).reshape(-1, 2).cpu()
     return [row.numpy().tobytes().hex() for row in gathered]
@@ -475,8 +532,6 @@ def _model_to_save(acc, model, raw_model):
     """The module to write: the unwrapped model, or (FSDP) a full copy gathered onto rank 0."""
     if acc.distributed_type.name != "FSDP":
         return raw_model
-    from pixsigma.model import PixArtSigmaTransformer
-
     sd = acc.get_state_dict(model)
     full = PixArtSigmaTransformer(raw_model.config)
     if acc.is_main_process:
