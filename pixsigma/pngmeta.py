@@ -1,16 +1,16 @@
 """Generation parameters stored in PNG files: a tEXt chunk with key "pixsigma" holding JSON.
 
-`save_png` writes atomically (temp file in the same folder + os.replace) and refuses to replace an
+`save_png` writes atomically (through `pixsigma.io.atomic_write`) and refuses to replace an
 existing file unless overwrite=True; `read_png_params` returns the dict back.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import atomic_write
 
 PNG_KEY = "pixsigma"
 
@@ -25,15 +25,7 @@ def save_png(image, path, params: dict | None = None, overwrite: bool = False) -
     info = PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_params(path) -> dict:

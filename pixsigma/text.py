@@ -17,7 +17,6 @@ import hashlib
 import html
 import json
 import logging
-import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import as_dtype, dtype_name, write_safetensors  # as_dtype stays importable from here
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,6 @@ def clean_caption(text: str, lowercase: bool = False) -> str:
 # The encoder
 # ---------------------------------------------------------------------------------------------
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) in _DTYPES:
-        return _DTYPES[str(dtype)]
-    raise PixsigmaError(f"unknown dtype {dtype!r}; expected one of fp32, bf16, fp16")
-
-
 def _check_folder(path: Path, what: str, needed: tuple[str, ...]) -> None:
     if not path.is_dir():
         raise PixsigmaError(f"{path}: {what} folder does not exist; expected a Hugging Face folder with {', '.join(needed)}")
@@ -205,7 +193,7 @@ class TextEncoder:
 
     @property
     def identity(self) -> dict:
-        return {"path": str(self.path), "tokenizer": str(self.tokenizer_path), "dtype": str(self.dtype).replace("torch.", ""),
+        return {"path": str(self.path), "tokenizer": str(self.tokenizer_path), "dtype": dtype_name(self.dtype),
                 "clean": self.clean, "lowercase": self.lowercase}
 
     def preprocess(self, prompt: str) -> str:
@@ -232,17 +220,7 @@ class TextEncoder:
             return None
 
     def _cache_put(self, prompt, max_length, emb, mask) -> None:
-        from safetensors.torch import save_file
-
-        path = self._cache_file(prompt, max_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file({"embedding": emb.contiguous().cpu(), "mask": mask.contiguous().cpu()}, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_safetensors(self._cache_file(prompt, max_length), {"embedding": emb, "mask": mask})
 
     # -- encoding --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,6 +268,16 @@ class TextEncoder:
             dropped = sum(n for _, n in over)
             which = ", ".join(f"#{i}: {n}" for i, n in over[:5])
             log.warning("prompt too long: %d token(s) dropped beyond the %d-token limit (%s)", dropped, max_length, which)
+
+
+def load_text_encoder(path, max_length: int | None = None, device="cpu") -> TextEncoder:
+    """A `TextEncoder` from an encoder folder, or from a pipeline folder holding text_encoder/
+    (with tokenizer/ beside it, else the tokenizer inside text_encoder/)."""
+    path = Path(path)
+    if (path / "text_encoder").is_dir():
+        tok = path / "tokenizer" if (path / "tokenizer").is_dir() else path / "text_encoder"
+        return TextEncoder(path / "text_encoder", tok, max_length=max_length, device=device)
+    return TextEncoder(path, max_length=max_length, device=device)
 
 
 class _quiet_hf:

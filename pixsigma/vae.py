@@ -10,12 +10,18 @@ pixels of overlap, converted to latent pixels through the VAE's downsampling fac
 blended with linear ramps across each overlap, so memory stays bounded by one tile and no seam
 shows. Tiling switches on by itself when a side of
 the output reaches 2048 px or the estimated decoder activations exceed `memory_budget`.
+
+This module is also the one place that loads an AutoencoderKL (`load_autoencoder`: a VAE folder
+or a pipeline folder with vae/) and reads what the rest of the project needs from it
+(`vae_info`: downsampling factor, latent channels, scaling and shift factors; `scale_latents`;
+`vae_moments`: the posterior's mean and std, which the feature cache stores).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -31,9 +37,10 @@ TILE_SIDES = (1024, 768, 512, 256)  # candidate tile sides in output pixels, lar
 class VAE:
     """Wraps an `AutoencoderKL`: `decode(latents) -> images in [0, 1]`, `encode(images) -> latents`.
 
+    vae: an AutoencoderKL, or a VAE or pipeline folder (loaded by `load_autoencoder`).
     tile_size / tile_overlap: in output pixels (converted to latent pixels by the factor; tile_size
-    None picks it from the memory budget), or give tile_latent / overlap_latent directly. memory_budget: bytes of decoder activations above
-    which decoding is tiled.
+    None picks it from the memory budget), or give tile_latent / overlap_latent directly.
+    memory_budget: bytes of decoder activations above which decoding is tiled.
     """
 
     def __init__(self, vae, device="cpu", dtype=torch.float32, tile_size: int | None = None, tile_overlap: int = 128,
@@ -49,12 +56,9 @@ class VAE:
             vae = vae.to(dtype)
         self.model = vae.eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
-        cfg = vae.config
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.latent_channels = int(cfg.latent_channels)
-        self.scaling_factor = float(cfg.scaling_factor)
-        shift = getattr(cfg, "shift_factor", None)
-        self.shift_factor = float(shift) if shift is not None else 0.0
+        info = vae_info(vae)
+        self.factor, self.latent_channels = info["factor"], info["latent_channels"]
+        self.scaling_factor, self.shift_factor = info["scaling_factor"], info["shift_factor"]
         self.memory_budget = memory_budget
         if tile_latent is None:
             tile_size = tile_size or self.auto_tile_size()
@@ -63,6 +67,12 @@ class VAE:
         self.overlap_latent = int(overlap_latent if overlap_latent is not None else tile_overlap // self.factor)
         if not 0 <= self.overlap_latent < self.tile_latent:
             raise PixsigmaError(f"tile overlap {self.overlap_latent} must be in 0..{self.tile_latent - 1} latent pixels")
+
+    @property
+    def info(self) -> dict:
+        """This VAE's latent convention, as `vae_info` gives it (and the feature cache stores it)."""
+        return {"factor": self.factor, "latent_channels": self.latent_channels,
+                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
 
     # -- helpers ---------------------------------------------------------------------------------
     def activation_bytes(self, height: int, width: int, batch: int = 1) -> int:
@@ -97,7 +107,7 @@ class VAE:
         """
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise PixsigmaError(f"latents of shape {tuple(latents.shape)}; expected (B, {self.latent_channels}, h, w)")
-        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        z = unscale_latents(latents.to(self.device, self.dtype), self.info)
         if tiled is None:
             tiled = self.should_tile(z.shape[-2], z.shape[-1])
         outs = []
@@ -163,20 +173,91 @@ class VAE:
         x = images.to(self.device, self.dtype) * 2 - 1
         dist = self.model.encode(x).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mode()
-        return ((z.float() - self.shift_factor) * self.scaling_factor)
+        return scale_latents(z.float(), self.info)
 
 
-def load_autoencoder(folder, dtype=torch.float32):
-    """diffusers AutoencoderKL from a folder (config.json + weights), one-line errors."""
+# ---------------------------------------------------------------------------------------------
+# Loading an AutoencoderKL and reading its latent convention
+# ---------------------------------------------------------------------------------------------
+
+
+def vae_folder(path) -> Path:
+    """The AutoencoderKL folder for `path`: itself, or its vae/ when `path` is a pipeline folder."""
+    path = Path(path)
+    if (path / "vae").is_dir() and not (path / "config.json").is_file():
+        path = path / "vae"
+    return path
+
+
+def load_autoencoder(folder, dtype=torch.float32, frozen: bool = False):
+    """diffusers AutoencoderKL from a VAE folder (config.json + weights) or a pipeline folder with
+    vae/, with one-line errors. frozen: eval mode with gradients off (encoding only); otherwise the
+    parameters keep requires_grad so the caller may train it."""
     from diffusers import AutoencoderKL
 
-    folder = Path(folder)
+    folder = vae_folder(folder)
     if not (folder / "config.json").is_file():
         raise PixsigmaError(f"{folder}: no config.json; expected a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)")
     if not any(folder.glob("diffusion_pytorch_model*")):
         raise PixsigmaError(f"{folder}: no diffusion_pytorch_model.safetensors beside config.json; expected a diffusers AutoencoderKL folder")
     try:
-        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PixsigmaError(f"{folder}: cannot load the VAE ({msg})") from None
+    return vae.eval().requires_grad_(False) if frozen else vae
+
+
+def autoencoder(vae):
+    """The diffusers AutoencoderKL inside `vae` (a wrapper holding it as .vae/.model/.autoencoder,
+    such as `VAE`, or the AutoencoderKL itself)."""
+    for attr in ("vae", "model", "autoencoder"):
+        inner = getattr(vae, attr, None)
+        if inner is not None and hasattr(inner, "encode") and hasattr(inner, "config"):
+            return inner
+    if not (hasattr(vae, "encode") and hasattr(vae, "config")):
+        raise PixsigmaError(f"{type(vae).__name__} is not a diffusers AutoencoderKL (or a wrapper holding one)")
+    return vae
+
+
+def config_info(config: Mapping) -> dict:
+    """Factor, latent channels, scaling and shift factor from an AutoencoderKL config (a dict, as
+    in config.json, or the model's `.config`); the factor is 2**(levels − 1), a missing
+    shift_factor is 0 and a missing scaling_factor diffusers' default 0.18215."""
+    shift = config.get("shift_factor")
+    return {
+        "factor": 2 ** (len(config["block_out_channels"]) - 1),
+        "latent_channels": int(config["latent_channels"]),
+        "scaling_factor": float(config.get("scaling_factor", 0.18215)),
+        "shift_factor": float(shift) if shift is not None else 0.0,
+    }
+
+
+def vae_info(vae) -> dict:
+    """`config_info` of the AutoencoderKL in `vae`; a wrapper's own `scaling_factor`, when set,
+    takes precedence over the config's."""
+    ae = autoencoder(vae)
+    info = config_info(ae.config)
+    own = getattr(vae, "scaling_factor", None) if ae is not vae else None
+    if own:
+        info["scaling_factor"] = float(own)
+    return info
+
+
+def scale_latents(z: torch.Tensor, info: Mapping) -> torch.Tensor:
+    """Posterior latents → the scaled latents the transformer sees: (z − shift) × scaling."""
+    return (z - info["shift_factor"]) * info["scaling_factor"]
+
+
+def unscale_latents(z: torch.Tensor, info: Mapping) -> torch.Tensor:
+    """Scaled latents → the posterior latents the decoder takes: z / scaling + shift."""
+    return z / info["scaling_factor"] + info["shift_factor"]
+
+
+@torch.no_grad()
+def vae_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (unscaled, float32) of images in [-1, 1], (B, 3, H, W)."""
+    ae = autoencoder(vae)
+    p = next(ae.parameters())
+    dist = ae.encode(images.to(p.device, p.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()

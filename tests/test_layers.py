@@ -18,7 +18,8 @@ ROOT = Path(pixsigma.__file__).parent
 # From the bottom up. Modules on one level do not import each other, except inside one package.
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"io", "pngmeta"},
+    {"io"},
+    {"pngmeta"},
     {"model", "diffusion", "text", "vae", "resolution"},
     {"data"},
     {"pipeline"},

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,26 +154,117 @@ def test_vae_tile_sizes_follow_factor():
     assert wide.tile_latent == 64 and wide.should_tile(128, 128)  # 512 px: 768² would need 1.1 GiB
 
 
-@pytest.mark.parametrize("levels,channels,groups,size", [(2, 32, 32, 56), (4, 8, 4, 40)])
-def test_tiled_decode_matches_untiled_without_seams(levels, channels, groups, size):
+def _seam_lines(vae: VAE, latent_len: int) -> list[int]:
+    """Output pixel lines on both sides of every tile edge along one axis (where a tile starts
+    or ends inside the image)."""
+    f, t = vae.factor, vae.tile_latent
+    starts = vae.tile_starts(latent_len)
+    edges = {s * f for s in starts[1:]} | {(s + t) * f for s in starts[:-1] if s + t < latent_len}
+    return sorted(r for e in edges for r in (e - 1, e))
+
+
+@pytest.mark.parametrize("levels,channels,groups,height,width", [(2, 32, 32, 56, 40), (4, 8, 4, 40, 56)])
+def test_tiled_decode_matches_untiled_without_seams_on_both_axes(levels, channels, groups, height, width):
+    """Tiled against untiled decoding of a non-square latent: small everywhere, and no larger along
+    the tile edges, horizontal (rows) or vertical (columns), than between them.
+
+    Tiling changes the output a little everywhere (group-norm statistics and the mid-block
+    attention see one tile, not the whole latent), about 7e-3 mean abs on a 0..1 scale. Blending
+    the tiles with flat weights instead of linear ramps roughly triples the error on the edge
+    lines and multiplies the worst edge line by about six; the bounds below sit well between."""
     vae = VAE(build_vae(levels, channels, groups), tile_latent=24, overlap_latent=8)
     torch.manual_seed(0)
-    z = torch.randn(1, 4, size, size)
+    z = torch.randn(1, 4, height, width)
     full = vae.decode(z, tiled=False)
     tiled = vae.decode(z, tiled=True)
-    assert tiled.shape == full.shape
-    diff = (full - tiled).abs()
-    # Measured: ~8.8e-3 (factor 2) and ~8e-3 (factor 8) mean abs on a 0..1 scale: group-norm
-    # statistics and the mid-block attention see one tile instead of the whole latent.
+    assert tiled.shape == full.shape == (1, 3, height * vae.factor, width * vae.factor)
+    diff = (full - tiled).abs()[0].mean(0)  # (H, W): error per output pixel
     assert diff.mean() < 2e-2
+    for axis, latent_len in ((0, height), (1, width)):  # axis 0: rows (horizontal edges), 1: columns
+        lines = _seam_lines(vae, latent_len)
+        assert len(lines) >= 4, "the latent must put at least two tile edges on this axis"
+        interior = [r for r in range(latent_len * vae.factor) if r not in lines]
+        err = diff.mean(dim=1 - axis)  # mean error of each row (axis 0) or column (axis 1)
+        assert err[lines].mean() < 1.25 * err[interior].mean(), axis
+        assert err[lines].max() < 1.5 * err[interior].mean(), axis
+        # no step across a tile edge beyond what the untiled image has between the same lines
+        jump_t = tiled.diff(dim=2 + axis).abs().mean(dim=(0, 1, 3 - axis))
+        jump_f = full.diff(dim=2 + axis).abs().mean(dim=(0, 1, 3 - axis))
+        assert (jump_t - jump_f).abs().max() < 0.01, axis
+
+
+def test_tiled_decode_is_exact_for_a_pixelwise_decoder():
+    """With a decoder that maps each latent pixel to its own f×f output block (no context at all),
+    a correct tiling reproduces the untiled output exactly, along rows and columns alike: any
+    misplaced tile, weights that do not sum to one, or an edge left uncovered shows here."""
+    vae = VAE(build_vae(3, 8, 4, layers_per_block=0, mid_attention=False), tile_latent=10, overlap_latent=3)
     f = vae.factor
-    starts = vae.tile_starts(size)
-    seams = sorted({s * f for s in starts[1:]} | {(s + 24) * f for s in starts[:-1] if (s + 24) * f < size * f})
-    rows = [r for s in seams for r in (s - 1, s)]
-    interior = [r for r in range(size * f) if r not in rows]
-    row_err = diff.mean(dim=(0, 1, 3))
-    assert row_err[rows].mean() < 2 * row_err[interior].mean()
-    # no jump across the tile borders beyond what the untiled image has
-    jump_t = (tiled[..., 1:, :] - tiled[..., :-1, :]).abs().mean(dim=(0, 1, 3))
-    jump_f = (full[..., 1:, :] - full[..., :-1, :]).abs().mean(dim=(0, 1, 3))
-    assert (jump_t - jump_f).abs().max() < 0.02
+
+    def pixelwise(z):  # (1, 4, h, w) → (1, 3, h·f, w·f), nonlinear so blending errors cannot cancel
+        rgb = torch.tanh(z[:, :3] * 0.7 + z[:, 3:] ** 2 * 0.1)
+        return rgb.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+
+    vae._decode_raw = pixelwise
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 27, 30)  # 4 × 4 tiles, the last of each axis flush with the edge
+    assert len(vae.tile_starts(27)) == 4 and len(vae.tile_starts(30)) == 4
+    tiled, full = vae.decode(z, tiled=True), vae.decode(z, tiled=False)
+    assert torch.allclose(tiled, full, atol=1e-6, rtol=0)
+
+
+def test_shipped_vae_scaling_factor_gives_unit_variance_latents():
+    """The shipped VAE's stored scaling_factor, applied to images it was not fitted on, gives
+    scaled latents with a standard deviation of 1 ± 10%: both the posterior mean (what the factor
+    is fitted to) and posterior samples (what training draws). The images are toy scenes from a
+    seed the VAE never trained on, compositions held out from the training data included; the std
+    is taken in float64 over every latent value."""
+    import json
+
+    import numpy as np
+
+    import pixsigma
+    from pixsigma.toy.render import generate
+
+    folder = Path(pixsigma.__file__).parent / "assets" / "default_model" / "vae"
+    scaling = json.loads((folder / "config.json").read_text())["scaling_factor"]
+    vae = VAE(folder)
+    assert vae.scaling_factor == scaling and vae.shift_factor == 0.0
+    scenes = generate(48, seed=20240917, size=64, exclude_heldout=False)
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im, *_ in scenes])).permute(0, 3, 1, 2) / 255.0
+    mean = vae.encode(x).double()
+    sample = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(0)).double()
+    assert mean.shape == (48, 4, 16, 16)  # factor 4
+    assert 0.9 < mean.std().item() < 1.1
+    assert 0.9 < sample.std().item() < 1.1
+
+
+def test_vae_loader_reads_vae_and_pipeline_folders(tmp_path):
+    """One loader for every caller: a VAE folder or a pipeline folder's vae/, trainable or frozen,
+    with one-line errors; the feature cache's names are the same functions."""
+    import pixsigma.data.cache as cache
+    from pixsigma.vae import autoencoder, load_autoencoder, scale_latents, unscale_latents, vae_info
+
+    ae = build_vae(2, 32, 32)
+    ae.save_pretrained(tmp_path / "pipe" / "vae")
+    trainable = load_autoencoder(tmp_path / "pipe" / "vae")
+    frozen = load_autoencoder(tmp_path / "pipe", frozen=True)
+    for loaded in (trainable, frozen):
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ae.state_dict().values()))
+    assert all(p.requires_grad for p in trainable.parameters()) and not any(p.requires_grad for p in frozen.parameters())
+    assert not frozen.training
+    wrapped = VAE(tmp_path / "pipe")
+    assert autoencoder(wrapped) is wrapped.model and autoencoder(ae) is ae
+    assert vae_info(wrapped) == vae_info(ae) == wrapped.info == {"factor": 2, "latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": 0.0}
+    z = torch.randn(2, 4, 3, 3)
+    info = {"scaling_factor": 0.5, "shift_factor": 0.25}
+    assert torch.equal(scale_latents(z, info), (z - 0.25) * 0.5)
+    assert torch.allclose(unscale_latents(scale_latents(z, info), info), z, atol=1e-6)
+    assert (cache.autoencoder, cache.vae_info, cache.scale_latents) == (autoencoder, vae_info, scale_latents)
+    assert not any(p.requires_grad for p in cache.load_vae(tmp_path / "pipe").parameters())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PixsigmaError, match="no config.json; expected a diffusers AutoencoderKL folder"):
+        load_autoencoder(tmp_path / "empty")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
+    with pytest.raises(PixsigmaError, match="no diffusion_pytorch_model.safetensors"):
+        VAE(tmp_path / "noweights")

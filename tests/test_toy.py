@@ -1,10 +1,11 @@
 """Tests for pixsigma.toy: generator determinism, captions, the prompt parser and the evaluator."""
 
+import ast
 import json
+import math
 import os
 
 import numpy as np
-import torch
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -12,6 +13,8 @@ from pixsigma.errors import PixsigmaError
 from pixsigma.toy import evaluate as E
 from pixsigma.toy import prompts as P
 from pixsigma.toy import render as R
+from pixsigma.toy import scene as S
+from pixsigma.toy.reference import clean_render_accuracy
 from pixsigma.data.datasets import CaptionDataset
 
 
@@ -49,7 +52,7 @@ def test_bad_inputs_raise_pixsigma_error():
     scene = _scenes(1)[0]
     with pytest.raises(PixsigmaError):
         R.render(scene, size=4)
-    bad = R.Scene(objects=[R.SceneObject("circle", "brown", 0.5, 0.5, 0.3)], background="white")
+    bad = S.Scene(objects=[S.SceneObject("circle", "brown", 0.5, 0.5, 0.3)], background="white")
     with pytest.raises(PixsigmaError):
         R.render(bad, 64)
     with pytest.raises(PixsigmaError):
@@ -67,20 +70,20 @@ def test_scene_geometry_and_captions():
     for s in scenes:
         assert 1 <= len(s.objects) <= 3
         for o in s.objects:
-            lo, hi = R.SIZE_RANGES[o.size_name]
+            lo, hi = S.SIZE_RANGES[o.size_name]
             assert lo <= o.size <= hi
             assert o.size / 2 <= o.x <= 1 - o.size / 2 and o.size / 2 <= o.y <= 1 - o.size / 2
             # center strictly inside its cell, with the margin
             row, col = P.cell_index(o.cell)
-            assert col / 3 + R.CELL_MARGIN - 1e-9 <= o.x <= (col + 1) / 3 - R.CELL_MARGIN + 1e-9
-            assert row / 3 + R.CELL_MARGIN - 1e-9 <= o.y <= (row + 1) / 3 - R.CELL_MARGIN + 1e-9
+            assert col / 3 + S.CELL_MARGIN - 1e-9 <= o.x <= (col + 1) / 3 - S.CELL_MARGIN + 1e-9
+            assert row / 3 + S.CELL_MARGIN - 1e-9 <= o.y <= (row + 1) / 3 - S.CELL_MARGIN + 1e-9
         for i in range(len(s.objects)):
             for j in range(i + 1, len(s.objects)):
                 assert R._separated(s.objects[i], s.objects[j])
         # the short caption parses and the ground truth satisfies it
         spec = P.parse_prompt(s.short_caption)
         assert spec is not None, s.short_caption
-        assert E.score_detections(spec, E.detections_from_scene(s)).correct, s.short_caption
+        assert S.score_detections(spec, S.detections_from_scene(s)).correct, s.short_caption
         assert s.background in s.long_caption
         for o in s.objects:
             assert f"{o.color} {o.shape}" in s.long_caption
@@ -99,10 +102,40 @@ def test_scene_geometry_and_captions():
         assert len(forms) >= 3, (kind, forms)
 
 
+def test_shape_regions_have_their_areas():
+    """The shared shape geometry against hand-computed areas in the unit box: disc pi/4, square 1,
+    triangle 1/2, plus sign 2a - a^2 with arm width a = CROSS_ARM."""
+    g = (np.arange(2000) + 0.5) / 2000
+    u, v = np.meshgrid(g, g)
+    expected = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 2 * S.CROSS_ARM - S.CROSS_ARM ** 2}
+    for shape, area in expected.items():
+        assert abs(S.inside_shape(shape, u, v).mean() - area) < 2e-3, shape
+    assert S.inside_shape("triangle", np.array([0.5, 0.1]), np.array([0.02, 0.1])).tolist() == [True, False]
+    with pytest.raises(PixsigmaError, match="unknown shape"):
+        S.inside_shape("hexagon", u, v)
+
+
+def test_renderer_and_evaluator_do_not_import_each_other():
+    """Both build on pixsigma.toy.scene; only pixsigma.toy.reference uses the two together."""
+    def imported(module):
+        tree = ast.parse(open(module.__file__).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return names
+
+    assert "pixsigma.toy.evaluate" not in imported(R)
+    assert "pixsigma.toy.render" not in imported(E)
+    assert not {n for n in imported(S) if n.startswith(("pixsigma.toy.render", "pixsigma.toy.evaluate"))}
+
+
 def test_scene_dict_round_trip():
     s = _scenes(1, seed=2, kind="position")[0]
     d = json.loads(json.dumps(s.to_dict()))
-    back = R.Scene.from_dict(d, s.short_caption, s.long_caption)
+    back = S.Scene.from_dict(d, s.short_caption, s.long_caption)
     assert np.array_equal(np.asarray(R.render(back, 64)), np.asarray(R.render(s, 64)))
     assert back.relations == s.relations and len(back.relations) == 1
 
@@ -191,18 +224,18 @@ def _check_report(report, min_acc=0.99):
 
 
 def test_clean_render_accuracy():
-    report = E.clean_render_accuracy(400, seed=0, size=64)
+    report = clean_render_accuracy(400, seed=0, size=64)
     assert report["n_images"] == 400
     _check_report(report)
 
 
 def test_noisy_blurred_render_accuracy():
-    report = E.clean_render_accuracy(400, seed=1, size=64, transform=_noise_blur())
+    report = clean_render_accuracy(400, seed=1, size=64, transform=_noise_blur())
     _check_report(report)
 
 
 def test_low_res_accuracy():
-    report = E.clean_render_accuracy(200, seed=2, size=32)
+    report = clean_render_accuracy(200, seed=2, size=32)
     _check_report(report)
 
 
@@ -261,7 +294,7 @@ def test_rounded_square_reads_as_circle():
 
 
 def test_detect_objects_reports_geometry():
-    s = R.Scene(objects=[R.SceneObject("triangle", "orange", 0.2, 0.8, 0.3)], background="navy")
+    s = S.Scene(objects=[S.SceneObject("triangle", "orange", 0.2, 0.8, 0.3)], background="navy")
     dets = E.detect_objects(R.render(s, 64))
     assert len(dets) == 1
     d = dets[0]
@@ -323,41 +356,7 @@ def test_write_dataset(tmp_path):
         assert m.mode == "L" and mask.shape == (32, 32) and mask.max() == 255
         off = np.abs(np.asarray(img, dtype=int) - np.asarray(P.BACKGROUNDS[scene.background])).max(axis=2) > 0
         assert (mask > 0)[off].all() and off[mask >= 128].all()  # (a sliver of coverage may round to the background)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+    assert not list(tmp_path.rglob(".*"))  # no temporary file left behind by the atomic writes
     assert len(CaptionDataset(str(tmp_path))) == 6 and CaptionDataset(str(tmp_path))[0].loss_mask.endswith("0000000.mask.png")
     report = E.evaluate_folder(str(tmp_path))
     assert report["n_scored"] == 6 and report["overall"] == 1.0
-
-
-def test_ship_writes_model_and_keeps_previous_reports(tmp_path):
-    """ship() writes fp16 weights, the VAE folder, this run's logs and the model index, and keeps
-    the reports of models shipped before (logs/previous_*/) that sat in the replaced folder."""
-    from tests.tiny_components import build_transformer, build_vae
-
-    from pixsigma.model.checkpoint import load_transformer, save_safetensors
-    from pixsigma.toy.ship import ship
-
-    build_vae().save_pretrained(tmp_path / "vae")
-    model = build_transformer()
-    save_safetensors(model, tmp_path / "model.safetensors")
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    (runs / "stage.log").write_text("step 1\n")
-    (runs / "adherence_20.json").write_text("{}")
-    dest = tmp_path / "default_model"
-    (dest / "logs" / "previous_a").mkdir(parents=True)
-    (dest / "logs" / "previous_a" / "adherence_20.json").write_text('{"overall": 0.1}')
-    (dest / "logs" / "stale.log").write_text("old run")
-
-    ship(tmp_path / "vae", tmp_path / "model.safetensors", logs_dir=runs, dest=dest)
-    logs = dest / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["adherence_20.json", "previous_a", "stage.log"]
-    assert (logs / "previous_a" / "adherence_20.json").read_text() == '{"overall": 0.1}'
-    assert json.loads((dest / "model_index.json").read_text())["pixsigma_unconditional"] == "empty_prompt"
-    assert (dest / "vae" / "config.json").is_file()
-    shipped = load_transformer(dest / "transformer" / "model.safetensors")
-    for key, value in model.state_dict().items():
-        stored = shipped.state_dict()[key]
-        assert stored.dtype == (torch.float16 if value.is_floating_point() else value.dtype), key
-        torch.testing.assert_close(stored, value.to(stored.dtype))
-    assert not (tmp_path / ".default_model.tmp").exists()

@@ -6,6 +6,7 @@ from pixsigma.data.cache import (
     FeatureCache,
     RawSource,
     check_not_stale,
+    extract,
     extract_features,
     is_cache,
     load_text_encoder,

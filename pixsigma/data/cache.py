@@ -16,7 +16,7 @@ Latents: the cache keeps the posterior mean and std, and training draws z = mean
 from the training generator each time a sample is seen (so a cached run and a raw run with the
 same generator see identical latents), then scales: (z − shift) · scaling_factor.
 
-Shards are written atomically (temp + os.replace), so an interrupted extraction resumes by
+Shards are written atomically (`pixsigma.io`), so an interrupted extraction resumes by
 skipping the shards that exist; several processes split the work by shard (`rank/world_size`:
 shard k goes to rank k mod world_size) or by index range (`start/end`: the shards whose first
 index lies in [start, end)).
@@ -29,6 +29,7 @@ import logging
 import math
 import os
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,20 +37,18 @@ import torch
 from pixsigma.data.buckets import assign_bins
 from pixsigma.data.datasets import CaptionDataset, load_image, load_loss_mask, use_long_caption
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import as_dtype, dtype_name, write_json, write_safetensors
+from pixsigma.text import load_text_encoder
+# VAE helpers live in pixsigma.vae; autoencoder and scale_latents are also imported from here by callers
+from pixsigma.vae import autoencoder, load_autoencoder, scale_latents, vae_info, vae_moments  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 META = "meta.json"
 STALE = "STALE"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise PixsigmaError(f"cache dtype {name!r} is unknown; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
+# meta.json entries that must agree for an extraction to resume into an existing cache folder
+RESUME_KEYS = ("version", "resolution", "multiple", "vae_info", "max_length", "num_samples", "fingerprint", "shard_size", "dtype")
 
 
 def shard_name(k: int) -> str:
@@ -57,69 +56,14 @@ def shard_name(k: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# VAE and text encoder access
+# Encoders and caption tensors
 # ---------------------------------------------------------------------------------------------
 
 
-def autoencoder(vae):
-    """The diffusers AutoencoderKL inside `vae` (a wrapper holding it as .vae/.model, or itself)."""
-    for attr in ("vae", "model", "autoencoder"):
-        inner = getattr(vae, attr, None)
-        if inner is not None and hasattr(inner, "encode") and hasattr(inner, "config"):
-            return inner
-    if not (hasattr(vae, "encode") and hasattr(vae, "config")):
-        raise PixsigmaError(f"{type(vae).__name__} is not a diffusers AutoencoderKL (or a wrapper holding one)")
-    return vae
-
-
-def vae_info(vae) -> dict:
-    ae = autoencoder(vae)
-    cfg = ae.config
-    return {
-        "factor": 2 ** (len(cfg.block_out_channels) - 1),
-        "latent_channels": int(cfg.latent_channels),
-        "scaling_factor": float((getattr(vae, "scaling_factor", None) if ae is not vae else None) or cfg.scaling_factor),
-        "shift_factor": float(getattr(cfg, "shift_factor", None) or 0.0),
-    }
-
-
-@torch.no_grad()
-def vae_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (unscaled, float32) of images in [-1, 1], (B, 3, H, W)."""
-    ae = autoencoder(vae)
-    p = next(ae.parameters())
-    dist = ae.encode(images.to(p.device, p.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
-
-
-def scale_latents(z: torch.Tensor, info: dict) -> torch.Tensor:
-    return (z - info["shift_factor"]) * info["scaling_factor"]
-
-
 def load_vae(path):
-    """A diffusers AutoencoderKL from a VAE folder or a pipeline folder with vae/."""
-    from diffusers import AutoencoderKL
-
-    path = Path(path)
-    if (path / "vae").is_dir() and not (path / "config.json").is_file():
-        path = path / "vae"
-    if not (path / "config.json").is_file():
-        raise PixsigmaError(f"{path}: not a VAE folder (no config.json); expected a diffusers AutoencoderKL folder")
-    try:
-        return AutoencoderKL.from_pretrained(str(path)).eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
-        raise PixsigmaError(f"{path}: cannot load the VAE ({' '.join(str(e).split())[:200]})") from None
-
-
-def load_text_encoder(path, max_length: int | None = None):
-    """pixsigma.text.TextEncoder from an encoder folder or a pipeline folder (text_encoder/ + tokenizer/)."""
-    from pixsigma.text import TextEncoder
-
-    path = Path(path)
-    if (path / "text_encoder").is_dir():
-        tok = path / "tokenizer" if (path / "tokenizer").is_dir() else path / "text_encoder"
-        return TextEncoder(path / "text_encoder", tok, max_length=max_length)
-    return TextEncoder(path, max_length=max_length)
+    """A frozen (eval, no gradients) AutoencoderKL from a VAE folder or a pipeline folder with vae/:
+    `pixsigma.vae.load_autoencoder(path, frozen=True)`."""
+    return load_autoencoder(path, frozen=True)
 
 
 def _valid_tokens(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,94 +87,139 @@ def pad_captions(captions: list[torch.Tensor], length: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _meta(resolution: int, multiple: int, vae: dict, max_length: int, dtype, num_samples: int, fingerprint: str,
+          shard_size: int, vae_path: str = "", text_encoder_path: str = "") -> dict:
+    """The meta.json of a cache (see the module doc)."""
+    return {"version": CACHE_VERSION, "resolution": int(resolution), "multiple": int(multiple), "vae": str(vae_path),
+            "vae_info": dict(vae), "text_encoder": str(text_encoder_path), "max_length": int(max_length),
+            "dtype": dtype_name(dtype), "num_samples": int(num_samples), "fingerprint": fingerprint, "shard_size": int(shard_size)}
+
+
+def _write_meta(cache_dir: Path, meta: dict) -> None:
+    write_json(cache_dir / META, meta, indent=1)
+
+
+def _open_cache(cache_dir: Path, meta: dict) -> None:
+    """Start a cache in `cache_dir` (write its meta.json) or, when one is there, check that it was
+    built with the same settings so the extraction can resume into it."""
+    meta_path = cache_dir / META
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
+        if diff:
+            raise PixsigmaError(f"{cache_dir}: holds a cache built with different {', '.join(diff)}; use a new cache folder")
+    else:
+        _write_meta(cache_dir, meta)
+    if (cache_dir / STALE).is_file():
+        raise PixsigmaError(f"{cache_dir}: marked stale ({(cache_dir / STALE).read_text().strip()}); extract into a new folder")
+
+
+def _my_shards(num_samples: int, shard_size: int, start: int | None, end: int | None, rank: int, world_size: int) -> list[int]:
+    """The shards of this process: first index in [start, end), and shard k mod world_size == rank."""
+    lo, hi = (start or 0), (num_samples if end is None else end)
+    return [k for k in range(math.ceil(num_samples / shard_size)) if lo <= k * shard_size < hi and k % world_size == rank]
+
+
+def _write_shard(path: Path, tensors: dict, present: list[int], skipped: list[int]) -> None:
+    write_safetensors(path, tensors, {"indices": json.dumps(sorted(present)), "skipped": json.dumps(sorted(skipped))})
+
+
+@dataclass
+class _ShardEncoder:
+    """Encodes the samples of one shard: images grouped by aspect bin and batched through the VAE,
+    their captions through the text encoder, and their loss masks; tensors stored in `store`."""
+
+    dataset: CaptionDataset
+    text_encoder: object
+    vae: object
+    bins: list[tuple[int, int]]
+    max_length: int
+    batch_size: int
+    store: torch.dtype
+    factor: int
+
+    def encode(self, indices) -> tuple[dict, list[int], list[int], int]:
+        """(tensors, indices encoded, indices skipped as corrupt images, loss masks stored)."""
+        tensors, present, skipped, masks = {}, [], [], 0
+        by_bin: dict = {}
+        for i in indices:
+            by_bin.setdefault(self.bins[i], []).append(i)
+        for (bh, bw), members in sorted(by_bin.items()):
+            for b0 in range(0, len(members), self.batch_size):
+                chunk, images = self._load_images(members[b0:b0 + self.batch_size], bh, bw, skipped)
+                if not chunk:
+                    continue
+                tensors.update(self._features(chunk, torch.stack(images)))
+                present.extend(chunk)
+                for i in chunk:
+                    m = _try_loss_mask(self.dataset[i], bh, bw, self.factor)
+                    if m is not None:
+                        tensors[f"{i}.loss_mask"] = m.to(self.store).contiguous()
+                        masks += 1
+        return tensors, present, skipped, masks
+
+    def _load_images(self, indices: list[int], height: int, width: int, skipped: list[int]) -> tuple[list[int], list]:
+        """The readable images of `indices` at the bin size; unreadable ones are warned about and
+        appended to `skipped`."""
+        chunk, images = [], []
+        for i in indices:
+            try:
+                images.append(load_image(self.dataset[i].path, height, width))
+                chunk.append(i)
+            except Exception as e:  # noqa: BLE001 - corrupt image: skipped, counted
+                log.warning("skipping corrupt image %s (%s)", self.dataset[i].path, " ".join(str(e).split())[:120])
+                skipped.append(i)
+        return chunk, images
+
+    def _features(self, chunk: list[int], images: torch.Tensor) -> dict:
+        """VAE posterior mean/std and the valid caption tokens (short, and long where there is one)."""
+        mean, std = vae_moments(self.vae, images)
+        emb, mask = self.text_encoder.encode([self.dataset[i].prompt for i in chunk], self.max_length)
+        out = {}
+        for j, i in enumerate(chunk):
+            out[f"{i}.mean"] = mean[j].to(self.store).contiguous()
+            out[f"{i}.std"] = std[j].to(self.store).contiguous()
+            out[f"{i}.short"] = _valid_tokens(emb[j], mask[j]).cpu().to(self.store).contiguous()
+        longs = [i for i in chunk if self.dataset[i].long_prompt]
+        if longs:
+            emb, mask = self.text_encoder.encode([self.dataset[i].long_prompt for i in longs], self.max_length)
+            for j, i in enumerate(longs):
+                out[f"{i}.long"] = _valid_tokens(emb[j], mask[j]).cpu().to(self.store).contiguous()
+        return out
 
 
 def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, resolution: int, max_length: int,
                      multiple: int | None = None, shard_size: int = 256, batch_size: int = 8,
                      start: int | None = None, end: int | None = None, rank: int = 0, world_size: int = 1,
                      dtype: str = "float32", vae_path: str = "", text_encoder_path: str = "") -> dict:
-    """Encode `dataset` once into `cache_dir` (see the module doc); returns a summary dict."""
-    from safetensors.torch import save_file
+    """Encode `dataset` once into `cache_dir` (see the module doc); returns a summary dict.
+
+    text_encoder: a `TextEncoder`; vae: an AutoencoderKL (or a wrapper holding one). multiple: the
+    bin side multiple (default 2 × the VAE factor). Shards already on disk are skipped, so a rerun
+    resumes; `start`/`end` and `rank`/`world_size` select this process's shards.
+    """
     from tqdm import tqdm
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     if shard_size < 1 or batch_size < 1:
         raise PixsigmaError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise PixsigmaError(f"rank {rank} is outside 0..{world_size - 1}")
-    store = _dtype(dtype)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     info = vae_info(vae)
     multiple = multiple or 2 * info["factor"]
-    meta = {
-        "version": CACHE_VERSION, "resolution": int(resolution), "multiple": int(multiple), "vae": str(vae_path),
-        "vae_info": info, "text_encoder": str(text_encoder_path), "max_length": int(max_length), "dtype": dtype,
-        "num_samples": len(dataset), "fingerprint": dataset.fingerprint(), "shard_size": int(shard_size),
-    }
-    meta_path = cache_dir / META
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        diff = [k for k in ("version", "resolution", "multiple", "vae_info", "max_length", "num_samples", "fingerprint", "shard_size", "dtype")
-                if old.get(k) != meta[k]]
-        if diff:
-            raise PixsigmaError(f"{cache_dir}: holds a cache built with different {', '.join(diff)}; use a new cache folder")
-    else:
-        _write_json_atomic(meta_path, meta)
-    if (cache_dir / STALE).is_file():
-        raise PixsigmaError(f"{cache_dir}: marked stale ({(cache_dir / STALE).read_text().strip()}); extract into a new folder")
-
-    n_shards = math.ceil(len(dataset) / shard_size)
-    lo, hi = (start or 0), (len(dataset) if end is None else end)
-    shards = [k for k in range(n_shards) if lo <= k * shard_size < hi and k % world_size == rank]
-    bins = assign_bins([dataset.size_of(i) for i in range(len(dataset))], resolution, multiple)
-    summary = Counter()
+    _open_cache(cache_dir, _meta(resolution, multiple, info, max_length, dtype, len(dataset), dataset.fingerprint(),
+                                 shard_size, vae_path, text_encoder_path))
+    shards = _my_shards(len(dataset), shard_size, start, end, rank, world_size)
     todo = [k for k in shards if not (cache_dir / shard_name(k)).is_file()]
-    summary["shards_already_done"] = len(shards) - len(todo)
+    bins = assign_bins([dataset.size_of(i) for i in range(len(dataset))], resolution, multiple)
+    encoder = _ShardEncoder(dataset, text_encoder, vae, bins, max_length, batch_size, as_dtype(dtype), info["factor"])
+    summary = Counter(shards_already_done=len(shards) - len(todo))
     for k in tqdm(todo, desc="extract", unit="shard", disable=not todo):
-        idx = list(range(k * shard_size, min((k + 1) * shard_size, len(dataset))))
-        tensors, present, skipped = {}, [], []
-        by_bin: dict = {}
-        for i in idx:
-            by_bin.setdefault(bins[i], []).append(i)
-        for (bh, bw), members in sorted(by_bin.items()):
-            for b0 in range(0, len(members), batch_size):
-                chunk, images = [], []
-                for i in members[b0:b0 + batch_size]:
-                    try:
-                        images.append(load_image(dataset[i].path, bh, bw))
-                        chunk.append(i)
-                    except Exception as e:  # noqa: BLE001 - corrupt image: skipped, counted
-                        log.warning("skipping corrupt image %s (%s)", dataset[i].path, " ".join(str(e).split())[:120])
-                        skipped.append(i)
-                if not chunk:
-                    continue
-                mean, std = vae_moments(vae, torch.stack(images))
-                shorts = [dataset[i].prompt for i in chunk]
-                longs = [dataset[i].long_prompt for i in chunk]
-                emb_s, mask_s = text_encoder.encode(shorts, max_length)
-                long_pos = [j for j, t in enumerate(longs) if t]
-                if long_pos:
-                    emb_l, mask_l = text_encoder.encode([longs[j] for j in long_pos], max_length)
-                for j, i in enumerate(chunk):
-                    tensors[f"{i}.mean"] = mean[j].to(store).contiguous()
-                    tensors[f"{i}.std"] = std[j].to(store).contiguous()
-                    tensors[f"{i}.short"] = _valid_tokens(emb_s[j], mask_s[j]).cpu().to(store).contiguous()
-                    present.append(i)
-                for jj, j in enumerate(long_pos):
-                    tensors[f"{chunk[j]}.long"] = _valid_tokens(emb_l[jj], mask_l[jj]).cpu().to(store).contiguous()
-                for i in chunk:
-                    m = _try_loss_mask(dataset[i], bh, bw, info["factor"])
-                    if m is not None:
-                        tensors[f"{i}.loss_mask"] = m.to(store).contiguous()
-                        summary["loss_masks"] += 1
-        path = cache_dir / shard_name(k)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"indices": json.dumps(sorted(present)), "skipped": json.dumps(sorted(skipped))})
-        os.replace(tmp, path)
+        tensors, present, skipped, masks = encoder.encode(range(k * shard_size, min((k + 1) * shard_size, len(dataset))))
+        _write_shard(cache_dir / shard_name(k), tensors, present, skipped)
+        if masks:
+            summary["loss_masks"] += masks
         summary["shards_written"] += 1
         summary["samples"] += len(present)
         summary["corrupt_images_skipped"] += len(skipped)
@@ -246,26 +235,18 @@ def write_cache(cache_dir, samples: list[dict], resolution: int, vae: dict, max_
 
     For tests and benchmarks (no images, encoders or VAE involved); `vae` is a `vae_info` dict.
     """
-    from safetensors.torch import save_file
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    store = _dtype(dtype)
-    meta = {"version": CACHE_VERSION, "resolution": int(resolution), "multiple": 2 * int(vae["factor"]), "vae": "",
-            "vae_info": dict(vae), "text_encoder": "", "max_length": int(max_length), "dtype": dtype,
-            "num_samples": len(samples), "fingerprint": fingerprint, "shard_size": int(shard_size)}
+    store = as_dtype(dtype)
+    meta = _meta(resolution, 2 * int(vae["factor"]), vae, max_length, dtype, len(samples), fingerprint, shard_size)
     for k in range(math.ceil(len(samples) / shard_size)):
         tensors, idx = {}, list(range(k * shard_size, min((k + 1) * shard_size, len(samples))))
         for i in idx:
-            s = samples[i]
             for key in ("mean", "std", "short", "long", "loss_mask"):
-                if s.get(key) is not None:
-                    tensors[f"{i}.{key}"] = s[key].to(store).contiguous()
-        path = cache_dir / shard_name(k)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"indices": json.dumps(idx), "skipped": "[]"})
-        os.replace(tmp, path)
-    _write_json_atomic(cache_dir / META, meta)
+                if samples[i].get(key) is not None:
+                    tensors[f"{i}.{key}"] = samples[i][key].to(store).contiguous()
+        _write_shard(cache_dir / shard_name(k), tensors, idx, [])
+    _write_meta(cache_dir, meta)
     return cache_dir
 
 
@@ -329,8 +310,8 @@ class FeatureCache:
     def _shard(self, i: int):
         """An open (memory-mapped) handle on the shard holding sample i and the set of its keys.
 
-        Samples are read one tensor at a time: a shuffled batch touches most shards, and loading
-        whole shards (26 MB each in the toy cache) cost 40% of a toy training step.
+        Samples are read one tensor at a time: a shuffled batch touches most shards, so loading
+        whole shards would read far more than the batch needs.
         """
         from safetensors import safe_open
 
@@ -449,46 +430,25 @@ class RawSource:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_extract(args) -> dict:
-    """The CLI command: options from the arguments, unset ones from `--config` (data / model)."""
-    d, tokens = {}, None
-    if args.config:
-        from pixsigma.train.config import load_config
+def extract(dataset, cache_dir, vae, text_encoder, resolution: int, max_length: int = 300, *, layout: str = "auto",
+            long_caption_key: str = "sharegpt4v", max_aspect_ratio: float = 4.0, image_root=None, patch_size: int = 2,
+            shard_size: int = 256, batch_size: int = 8, start: int | None = None, end: int | None = None,
+            rank: int | None = None, world_size: int | None = None, dtype: str = "float32", device=None) -> dict:
+    """`pixsigma extract`: load the dataset and both encoders from their paths, then `extract_features`.
 
-        cfg = load_config(args.config)
-        d = vars(cfg.data)
-        if "max_caption_tokens" in cfg.model.overrides:
-            tokens = int(cfg.model.overrides["max_caption_tokens"])
-        elif cfg.model.init_from:
-            from pixsigma.model.checkpoint import read_checkpoint
-
-            tokens = read_checkpoint(cfg.model.init_from)[1].max_caption_tokens
-        else:
-            from pixsigma.model import SMALL, TINY, XL_2
-
-            tokens = {"tiny": TINY, "small": SMALL, "xl_2": XL_2}[cfg.model.preset].max_caption_tokens
-    dataset_path = args.dataset or d.get("path")
-    cache_dir = args.cache or d.get("cache_dir")
-    vae_path = args.vae or d.get("vae")
-    te_path = args.text_encoder or d.get("text_encoder")
-    resolution = args.resolution or d.get("resolution")
-    for name, value in (("dataset", dataset_path), ("--cache", cache_dir), ("--vae", vae_path), ("--text-encoder", te_path),
-                        ("--resolution", resolution)):
-        if not value:
-            raise PixsigmaError(f"extract needs {name} (give it, or a --config that sets it)")
-    max_tokens = args.max_tokens or tokens or 300
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = CaptionDataset(dataset_path, args.layout or d.get("layout", "auto"),
-                             args.long_caption_key or d.get("long_caption_key", "sharegpt4v"),
-                             d.get("max_aspect_ratio", 4.0), d.get("image_root"))
-    vae = load_vae(vae_path).to(device)
-    text_encoder = load_text_encoder(te_path, max_tokens)
-    if hasattr(text_encoder, "model"):
-        text_encoder.model.to(device)
-        text_encoder.device = torch.device(device)
-    multiple = args.patch_size * vae_info(vae)["factor"]
-    return extract_features(dataset, cache_dir, text_encoder, vae, int(resolution), max_tokens, multiple=multiple,
-                            shard_size=args.shard_size, batch_size=args.batch_size, start=args.start, end=args.end,
-                            rank=rank, world_size=world, dtype=args.dtype, vae_path=str(vae_path), text_encoder_path=str(te_path))
+    dataset: data_info.json (or its folder), an image folder with .txt captions, or a .jsonl file
+    (read with layout / long_caption_key / max_aspect_ratio / image_root as `CaptionDataset`).
+    vae / text_encoder: their folders, or a pipeline folder with vae/, text_encoder/ and tokenizer/.
+    patch_size: the transformer's patch; bins are multiples of patch × VAE factor pixels.
+    rank / world_size: this process's share of the shards (default $RANK / $WORLD_SIZE, else 0 / 1).
+    device: where the encoders run (default cuda when available). Returns the summary dict.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = CaptionDataset(dataset, layout, long_caption_key, max_aspect_ratio, image_root)
+    ae = load_vae(vae).to(device)
+    text = load_text_encoder(text_encoder, max_length, device=device)
+    return extract_features(data, cache_dir, text, ae, int(resolution), max_length, multiple=patch_size * vae_info(ae)["factor"],
+                            shard_size=shard_size, batch_size=batch_size, start=start, end=end, rank=rank,
+                            world_size=world_size, dtype=dtype, vae_path=str(vae), text_encoder_path=str(text_encoder))

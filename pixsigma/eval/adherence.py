@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from pixsigma.errors import PixsigmaError
-from pixsigma.toy.evaluate import evaluate, format_table, save_json
+from pixsigma.io import atomic_write
+from pixsigma.pipeline import SigmaPipeline, check_guidance_interval
+from pixsigma.toy.evaluate import evaluate, save_json
 from pixsigma.toy.prompts import PromptItem, heldout_prompts, quick_prompts
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,13 @@ def load_prompt_set(name_or_file: str) -> list[PromptItem]:
 def generate_for_prompts(pipe, items: list[PromptItem], seeds, steps: int = 20, guidance_scale: float = 4.5,
                          sampler: str = "dpm-solver", size: int | None = None, batch_size: int = 16,
                          save_dir: Path | None = None, guidance_interval: tuple[float, float] | None = None):
-    """Yield (image, prompt, category) for every prompt × seed; image i of a prompt uses its seed."""
+    """Yield (image, prompt, category) for every prompt × seed; image i of a prompt uses its seed.
+
+    With `save_dir`, image k (in that order) is also written there as ``{k:05d}_s{seed}.png``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PixsigmaError(f"batch size must be a positive integer, got {batch_size!r}")
     jobs = [(item, seed) for item in items for seed in seeds]
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(jobs), batch_size), desc="adherence", unit="batch"):
         chunk = jobs[start:start + batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
@@ -52,37 +58,53 @@ def generate_for_prompts(pipe, items: list[PromptItem], seeds, steps: int = 20, 
                    sampler=sampler, height=size, width=size, generator=generators, guidance_interval=guidance_interval)
         for k, ((item, seed), image) in enumerate(zip(chunk, out.images)):
             if save_dir is not None:
-                image.save(save_dir / f"{start + k:05d}_s{seed}.png")
+                atomic_write(Path(save_dir) / f"{start + k:05d}_s{seed}.png", lambda tmp: image.save(tmp, format="PNG"))
             yield image, item.prompt, item.category
 
 
 def evaluate_model(pipe, prompt_set: str = "heldout", seeds=(0, 1, 2, 3), steps: int = 20, guidance_scale: float = 4.5,
                    sampler: str = "dpm-solver", size: int | None = None, batch_size: int = 16,
-                   save_dir: Path | None = None, guidance_interval: tuple[float, float] | None = None) -> dict:
-    items = load_prompt_set(prompt_set)
+                   save_dir: Path | None = None, guidance_interval: tuple[float, float] | str | None = None,
+                   items: list[PromptItem] | None = None) -> dict:
+    """The adherence report of a loaded pipeline (see :func:`pixsigma.toy.evaluate.evaluate`),
+    with the settings it was measured with under ``settings``. ``guidance_interval`` None: the
+    pipeline's own; a pair or "T_MIN,T_MAX" string otherwise, as the pipeline reads it.
+    ``items``: the prompts of ``prompt_set`` when the caller has loaded them already."""
+    items = load_prompt_set(prompt_set) if items is None else items
     report = evaluate(generate_for_prompts(pipe, items, seeds, steps, guidance_scale, sampler, size, batch_size, save_dir,
                                            guidance_interval))
-    interval = guidance_interval or pipe.guidance_interval
+    # the interval the pipeline sampled with, read as the pipeline reads it
+    interval = pipe.guidance_interval if guidance_interval is None else check_guidance_interval(guidance_interval)
     report["settings"] = {"prompt_set": prompt_set, "prompts": len(items), "seeds": list(seeds), "steps": steps,
                           "guidance_scale": guidance_scale, "guidance_interval": list(interval) if interval else None,
                           "sampler": sampler, "size": size, "model": pipe.name}
     return report
 
 
-def run_adherence(args) -> dict:
-    """The CLI command: load the pipeline, evaluate, print the table, save JSON."""
-    from pixsigma.pipeline import SigmaPipeline, check_guidance_interval
+def evaluate_adherence(model=None, *, transformer=None, prompts: str = "heldout", seeds: int | Sequence[int] = 4,
+                       steps: int = 20, guidance_scale: float = 4.5,
+                       guidance_interval: tuple[float, float] | str | None = None, sampler: str = "dpm-solver",
+                       size: int | None = None, batch_size: int = 16, dtype: str = "fp32",
+                       save_images=None, json_path=None) -> dict:
+    """Load a model and measure its prompt adherence; return the report (and save it as JSON).
 
-    interval = check_guidance_interval(args.guidance_interval)  # before the slow load
-    # dtype is a name ("fp32" / "bf16"); the pipeline resolves it with the project's one table
-    pipe = SigmaPipeline.from_pretrained(args.model, transformer=args.transformer, dtype=args.dtype, text_dtype=torch.float32,
+    model: a pipeline folder (None: the shipped default model); transformer: a checkpoint that
+    replaces the folder's; prompts: "heldout", "quick" or a text file with one prompt per line;
+    seeds: images per prompt (seeds 0..N-1) or the seeds themselves; dtype: the transformer's
+    weights ("fp32" or "bf16"; the text encoder and VAE stay fp32); save_images: a folder to keep
+    the generated images in; json_path: where to write the report. The other arguments are the
+    pipeline's sampling settings, checked by the pipeline.
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise PixsigmaError("no seeds; expected at least one image per prompt")
+    items = load_prompt_set(prompts)  # a bad prompt file fails before the slow load
+    pipe = SigmaPipeline.from_pretrained(model, transformer=transformer, dtype=dtype, text_dtype=torch.float32,
                                          vae_dtype=torch.float32)
-    seeds = list(range(args.seeds))
-    report = evaluate_model(pipe, args.prompts, seeds, args.steps, args.cfg, args.sampler, args.size, args.batch_size,
-                            Path(args.save_images) if args.save_images else None, interval)
-    report["settings"]["dtype"] = args.dtype
-    print(format_table(report))
-    if args.json:
-        save_json(report, args.json)
-        log.info("saved %s", args.json)
+    report = evaluate_model(pipe, prompts, seeds, steps, guidance_scale, sampler, size, batch_size,
+                            Path(save_images) if save_images else None, guidance_interval, items=items)
+    report["settings"]["dtype"] = dtype
+    if json_path:
+        save_json(report, json_path)
+        log.info("saved %s", json_path)
     return report

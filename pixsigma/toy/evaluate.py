@@ -21,74 +21,51 @@ Detection (:func:`detect_objects`):
    the mask is the score; the best score wins. A square with corners rounded by more than about
    a third of its side reads as a circle. The detection center is the center of the fitted box.
 
-Scoring (:func:`score`) follows GenEval: "a"/"an" means at least one object of the named class
-(color and/or shape, plus the grid cell when one is named); a number word means exactly that
-many; distinct clauses need distinct objects; "A left of B" holds when B's center is more than
-``RELATION_MIN`` (fraction of the image width) to the right of A's (same for the other
-relations, y grows downwards). An image is correct only when every clause holds.
+Scoring (:func:`score`) reads the detections against the parsed prompt with the GenEval rules
+of :func:`pixsigma.toy.scene.score_detections`; :func:`evaluate` aggregates many images into a
+report (per-category accuracy, single-object attributes, shape confusion).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import lru_cache
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import write_json
 from pixsigma.toy import prompts as P
+from pixsigma.toy.scene import (
+    RELATION_MIN,
+    ClauseOutcome,
+    Detection,
+    Result,
+    detections_from_scene,
+    inside_shape,
+    relation_holds,
+    score_detections,
+)
+
+__all__ = [
+    # detection and scoring
+    "Detection", "classify_shape", "detect_objects", "estimate_background", "fit_shape", "score",
+    # aggregation and reports
+    "evaluate", "evaluate_folder", "format_table", "save_json",
+    # the scoring rules, defined in pixsigma.toy.scene and re-exported here
+    "RELATION_MIN", "ClauseOutcome", "Result", "detections_from_scene", "relation_holds", "score_detections",
+]
 
 logger = logging.getLogger(__name__)
 
-RELATION_MIN = 0.05
 _COLOR_RGB = np.array([P.COLORS[c] for c in P.COLOR_NAMES], dtype=np.float32)
-_MAX_DETECTIONS = 16
-
-
-@dataclass
-class Detection:
-    color: str
-    shape: str
-    center: tuple[float, float]  # normalized (x, y), y down
-    area: float  # fraction of the image covered
-    bbox: tuple[int, int, int, int]  # pixel x0, y0, x1, y1 (x1, y1 exclusive)
-    shape_scores: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def cell(self) -> str:
-        return P.cell_of(*self.center)
-
-
-@dataclass
-class ClauseOutcome:
-    clause: str
-    ok: bool
-
-
-@dataclass
-class Result:
-    prompt: str
-    category: str
-    scorable: bool
-    correct: bool = False
-    clauses: list[ClauseOutcome] = field(default_factory=list)
-    color_ok: bool | None = None
-    shape_ok: bool | None = None
-    position_ok: bool | None = None
-    all_ok: bool | None = None
-    # single-object prompts naming a shape: that shape and the one read on the best-matching
-    # detection ("none" when nothing was detected); they feed the report's shape confusion
-    shape_asked: str | None = None
-    shape_read: str | None = None
-    detections: list[Detection] = field(default_factory=list)
+_STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
 # --------------------------------------------------------------------------- detection
@@ -128,29 +105,12 @@ def estimate_background(image) -> np.ndarray:
     return close.mean(axis=0) if len(close) else med
 
 
-def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Whether unit-box coordinates (u right, v down, both in [0, 1]) are inside ``shape``."""
-    box = (u >= 0.0) & (u <= 1.0) & (v >= 0.0) & (v <= 1.0)
-    if shape == "circle":
-        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    if shape == "square":
-        return box
-    if shape == "triangle":
-        return box & (np.abs(u - 0.5) <= v / 2.0)
-    if shape == "cross":
-        from pixsigma.toy.render import CROSS_ARM
-
-        half = CROSS_ARM / 2.0
-        return box & ((np.abs(u - 0.5) <= half) | (np.abs(v - 0.5) <= half))
-    raise PixsigmaError(f"unknown shape {shape!r}; expected one of {', '.join(P.SHAPES)}")
-
-
 @lru_cache(maxsize=None)
 def _unit_moments(shape: str) -> tuple[float, float, float, float]:
     """(fill ratio, mean v, var u, var v) of ``shape`` in the unit box."""
     g = (np.arange(600) + 0.5) / 600.0
     u, v = np.meshgrid(g, g)
-    m = _inside(shape, u, v).astype(np.float64)
+    m = inside_shape(shape, u, v).astype(np.float64)
     f = m.mean()
     mv = (m * v).sum() / m.sum()
     vu = (m * (u - 0.5) ** 2).sum() / m.sum()
@@ -164,7 +124,7 @@ def _coverage(shape: str, h: int, w: int, x0: float, y0: float, bw: float, bh: f
     xs = (np.arange(w)[:, None] + offs[None, :]).reshape(-1)
     ys = (np.arange(h)[:, None] + offs[None, :]).reshape(-1)
     u, v = np.meshgrid((xs - x0) / bw, (ys - y0) / bh)
-    m = _inside(shape, u, v).astype(np.float32)
+    m = inside_shape(shape, u, v).astype(np.float32)
     return m.reshape(h, ss, w, ss).mean(axis=(1, 3))
 
 
@@ -206,9 +166,13 @@ def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
     return max(scores, key=scores.get), scores
 
 
-def detect_objects(image, *, max_residual: float = 60.0, min_area_frac: float = 0.01) -> list[Detection]:
-    """Detect named-color shapes in an image (PIL.Image or HxWx3 uint8 array)."""
-    arr = _as_array(image)
+def _read_colors(arr: np.ndarray, max_residual: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pixel's reading as a mix of the background and a named color (steps 1 and 2 above).
+
+    Returns ``labels`` (h, w: the color index of foreground pixels, -1 elsewhere), ``owner``
+    (h, w: the best color of every pixel with a plausible mix weight, -1 elsewhere) and
+    ``alpha`` (h * w, K: each pixel's mix weight toward each color).
+    """
     h, w, _ = arr.shape
     bg = estimate_background(arr)
     pix = arr.reshape(-1, 3).astype(np.float32) - bg
@@ -228,159 +192,60 @@ def detect_objects(image, *, max_residual: float = 60.0, min_area_frac: float = 
     fg = (best_r < max_residual ** 2) & (best_a >= 0.5)
     labels = np.where(fg, best, -1).reshape(h, w)
     owner = np.where(np.isfinite(best_r), best, -1).reshape(h, w)
+    return labels, owner, alpha
 
+
+def _component_detection(component: np.ndarray, k: int, labels: np.ndarray, owner: np.ndarray,
+                         alpha_k: np.ndarray, pad: int = 3) -> Detection:
+    """The detection of one connected component of color `k` (step 4 above).
+
+    `component` is the component's boolean mask over the whole image; the fit runs in its
+    bounding box grown by `pad` pixels.
+    """
+    h, w = component.shape
+    (y0, y1), (x0, x1) = ((int(i.min()), int(i.max()) + 1) for i in np.nonzero(component))
+    wy0, wy1 = max(y0 - pad, 0), min(y1 + pad, h)
+    wx0, wx1 = max(x0 - pad, 0), min(x1 + pad, w)
+    win = ndimage.binary_fill_holes(component[wy0:wy1, wx0:wx1])
+    near = ndimage.binary_dilation(win, structure=_STRUCTURE, iterations=2)
+    others = labels[wy0:wy1, wx0:wx1] >= 0
+    own = owner[wy0:wy1, wx0:wx1]
+    keep = win | (near & ~others & ((own == k) | (own < 0)))
+    # Soft object coverage: interior pixels count fully (robust to noise and off-color
+    # patches), edge pixels and a 2-pixel ring around the object by their mix weight.
+    interior = ndimage.binary_erosion(win, structure=_STRUCTURE)
+    soft = np.where(interior, 1.0, alpha_k[wy0:wy1, wx0:wx1]) * keep
+    fits = {s: fit_shape(soft, s) for s in P.SHAPES}
+    scores = {s: v[0] for s, v in fits.items()}
+    shape = max(scores, key=scores.get)
+    bx, by, bw, bh = fits[shape][1]
+    cx = (wx0 + bx + bw / 2.0) / w
+    cy = (wy0 + by + bh / 2.0) / h
+    return Detection(
+        color=P.COLOR_NAMES[int(k)], shape=shape,
+        center=(float(np.clip(cx, 0.0, 1.0)), float(np.clip(cy, 0.0, 1.0))),
+        area=int(win.sum()) / float(h * w), bbox=(x0, y0, x1, y1), shape_scores=scores,
+    )
+
+
+def detect_objects(image, *, max_residual: float = 60.0, min_area_frac: float = 0.01) -> list[Detection]:
+    """Detect named-color shapes in an image (PIL.Image or HxWx3 uint8 array), largest first."""
+    arr = _as_array(image)
+    h, w, _ = arr.shape
+    labels, owner, alpha = _read_colors(arr, max_residual)
     min_px = max(3.0, min_area_frac * h * w)
-    structure = np.ones((3, 3), dtype=bool)
-    pad = 3
     detections: list[Detection] = []
     for k in np.unique(labels):
         if k < 0:
             continue
-        comp, n = ndimage.label(labels == k, structure=structure)
+        comp, _ = ndimage.label(labels == k, structure=_STRUCTURE)
         alpha_k = np.clip(alpha[:, k], 0.0, 1.0).reshape(h, w)
         for idx, sl in enumerate(ndimage.find_objects(comp)):
-            if sl is None:
+            if sl is None or int((comp[sl] == idx + 1).sum()) < min_px:
                 continue
-            y0, y1 = sl[0].start, sl[0].stop
-            x0, x1 = sl[1].start, sl[1].stop
-            if int((comp[sl] == idx + 1).sum()) < min_px:
-                continue
-            wy0, wy1 = max(y0 - pad, 0), min(y1 + pad, h)
-            wx0, wx1 = max(x0 - pad, 0), min(x1 + pad, w)
-            win = comp[wy0:wy1, wx0:wx1] == idx + 1
-            win = ndimage.binary_fill_holes(win)
-            npx = int(win.sum())
-            near = ndimage.binary_dilation(win, structure=structure, iterations=2)
-            others = labels[wy0:wy1, wx0:wx1] >= 0
-            own = owner[wy0:wy1, wx0:wx1]
-            keep = win | (near & ~others & ((own == k) | (own < 0)))
-            # Soft object coverage: interior pixels count fully (robust to noise and off-color
-            # patches), edge pixels and a 2-pixel ring around the object by their mix weight.
-            interior = ndimage.binary_erosion(win, structure=structure)
-            soft = np.where(interior, 1.0, alpha_k[wy0:wy1, wx0:wx1]) * keep
-            fits = {s: fit_shape(soft, s) for s in P.SHAPES}
-            scores = {s: v[0] for s, v in fits.items()}
-            shape = max(scores, key=scores.get)
-            bx, by, bw, bh = fits[shape][1]
-            cx = (wx0 + bx + bw / 2.0) / w
-            cy = (wy0 + by + bh / 2.0) / h
-            detections.append(Detection(
-                color=P.COLOR_NAMES[int(k)], shape=shape,
-                center=(float(np.clip(cx, 0.0, 1.0)), float(np.clip(cy, 0.0, 1.0))),
-                area=npx / float(h * w), bbox=(int(x0), int(y0), int(x1), int(y1)),
-                shape_scores=scores,
-            ))
+            detections.append(_component_detection(comp == idx + 1, k, labels, owner, alpha_k))
     detections.sort(key=lambda d: -d.area)
     return detections
-
-
-def detections_from_scene(scene) -> list[Detection]:
-    """Ground-truth detections of a Scene (or a scene dict from data_info.json)."""
-    from pixsigma.toy.render import Scene
-
-    if isinstance(scene, dict):
-        scene = Scene.from_dict(scene)
-    out = []
-    for o in scene.objects:
-        out.append(Detection(color=o.color, shape=o.shape, center=(o.x, o.y), area=o.size * o.size,
-                             bbox=(-1, -1, -1, -1), shape_scores={o.shape: 1.0}))
-    return out
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _matches(clause: P.ObjectClause, d: Detection) -> bool:
-    if clause.color is not None and d.color != clause.color:
-        return False
-    if clause.shape is not None and d.shape != clause.shape:
-        return False
-    if clause.position is not None and d.cell != clause.position:
-        return False
-    return True
-
-
-def relation_holds(relation: str, a: Detection, b: Detection) -> bool:
-    """Whether detection ``a`` is ``relation`` detection ``b`` (centers, y down)."""
-    dx = b.center[0] - a.center[0]
-    dy = b.center[1] - a.center[1]
-    if relation == "left of":
-        return dx > RELATION_MIN
-    if relation == "right of":
-        return -dx > RELATION_MIN
-    if relation == "above":
-        return dy > RELATION_MIN
-    if relation == "below":
-        return -dy > RELATION_MIN
-    raise PixsigmaError(f"unknown relation {relation!r}; expected one of {', '.join(P.RELATIONS)}")
-
-
-def _joint_ok(spec: P.PromptSpec, dets: list[Detection], cands: list[list[int]]) -> bool:
-    options = []
-    for clause, cand in zip(spec.objects, cands):
-        if clause.exact:
-            if len(cand) != clause.count:
-                return False
-            options.append([tuple(cand)])
-        else:
-            if len(cand) < clause.count:
-                return False
-            options.append(list(itertools.combinations(cand, clause.count)))
-
-    chosen: list[tuple[int, ...]] = []
-
-    def rec(i: int, used: frozenset) -> bool:
-        if i == len(options):
-            return all(
-                any(relation_holds(r.relation, dets[x], dets[y]) for x in chosen[r.a] for y in chosen[r.b])
-                for r in spec.relations
-            )
-        for opt in options[i]:
-            if used.intersection(opt):
-                continue
-            chosen.append(opt)
-            if rec(i + 1, used.union(opt)):
-                return True
-            chosen.pop()
-        return False
-
-    return rec(0, frozenset())
-
-
-def score_detections(spec: P.PromptSpec, detections: list[Detection], prompt: str = "") -> Result:
-    """Score a parsed prompt against a list of detections."""
-    dets = list(detections)[:_MAX_DETECTIONS]
-    cands = [[i for i, d in enumerate(dets) if _matches(c, d)] for c in spec.objects]
-    outcomes = []
-    for clause, cand in zip(spec.objects, cands):
-        ok = len(cand) == clause.count if clause.exact else len(cand) >= clause.count
-        outcomes.append(ClauseOutcome(clause.describe(), ok))
-    for r in spec.relations:
-        ok = any(relation_holds(r.relation, dets[x], dets[y]) for x in cands[r.a] for y in cands[r.b] if x != y)
-        a, b = spec.objects[r.a], spec.objects[r.b]
-        desc = f"{a.color or ''} {a.shape or 'object'} {r.relation} {b.color or ''} {b.shape or 'object'}"
-        outcomes.append(ClauseOutcome(" ".join(desc.split()), ok))
-    correct = all(o.ok for o in outcomes) and _joint_ok(spec, dets, cands)
-    res = Result(prompt=prompt or P.canonical_prompt(spec), category=P.infer_category(spec), scorable=True,
-                 correct=correct, clauses=outcomes, detections=dets)
-    if len(spec.objects) == 1 and not spec.relations and spec.objects[0].count == 1 and not spec.objects[0].exact:
-        c = spec.objects[0]
-
-        def attrs(d: Detection) -> tuple[bool, bool, bool]:
-            return (c.color is None or d.color == c.color, c.shape is None or d.shape == c.shape,
-                    c.position is None or d.cell == c.position)
-
-        if dets:
-            best = max(dets, key=lambda d: (sum(attrs(d)), d.area))
-            res.color_ok, res.shape_ok, res.position_ok = attrs(best)
-        else:
-            res.color_ok = res.shape_ok = res.position_ok = False
-        if c.shape is not None:
-            res.shape_asked, res.shape_read = c.shape, (best.shape if dets else "none")
-        if c.position is None:
-            res.position_ok = None
-        res.all_ok = correct
-    return res
 
 
 def score(prompt_or_spec, image=None, *, detections: list[Detection] | None = None) -> Result:
@@ -418,6 +283,52 @@ def _unpack(item) -> tuple[object, str, str | None]:
     raise PixsigmaError(f"evaluation item must be (image, prompt) or (image, prompt, category), got {type(item).__name__}")
 
 
+class _Tally:
+    """Running counts over scored images, turned into a report by :meth:`report`."""
+
+    def __init__(self) -> None:
+        self.cats: dict[str, dict] = {}
+        self.attrs = {"n": 0, "color": 0, "shape": 0, "position": 0, "all": 0}
+        self.confusion = {shape: {read: 0 for read in (*P.SHAPES, "none")} for shape in P.SHAPES}
+        self.not_scorable = 0
+        self.n_images = 0
+
+    def add(self, res: Result, category: str | None) -> None:
+        self.n_images += 1
+        if not res.scorable:
+            self.not_scorable += 1
+            return
+        cat = category or res.category
+        entry = self.cats.setdefault(cat, {"n": 0, "correct": 0})
+        entry["n"] += 1
+        entry["correct"] += int(res.correct)
+        if cat == "single" and res.all_ok is not None:
+            self.attrs["n"] += 1
+            self.attrs["color"] += int(bool(res.color_ok))
+            self.attrs["shape"] += int(bool(res.shape_ok))
+            self.attrs["position"] += int(bool(res.position_ok))
+            self.attrs["all"] += int(bool(res.all_ok))
+            if res.shape_read is not None:
+                self.confusion[res.shape_asked][res.shape_read] += 1
+
+    def report(self) -> dict:
+        order = list(P.CATEGORIES) + sorted(c for c in self.cats if c not in P.CATEGORIES)
+        categories = {c: {"n": e["n"], "correct": e["correct"], "accuracy": e["correct"] / e["n"]}
+                      for c, e in ((c, self.cats[c]) for c in order if c in self.cats)}
+        an = self.attrs["n"]
+        single = {"n": an, **{k: (self.attrs[k] / an if an else None) for k in ("color", "shape", "position", "all")}}
+        accs = [v["accuracy"] for v in categories.values()]
+        return {
+            "n_images": self.n_images,
+            "n_scored": self.n_images - self.not_scorable,
+            "not_scorable": self.not_scorable,
+            "overall": float(np.mean(accs)) if accs else None,
+            "categories": categories,
+            "single_attributes": single,
+            "shape_confusion": {k: v for k, v in self.confusion.items() if sum(v.values())},
+        }
+
+
 def evaluate(images_and_prompts: Iterable, *, keep_results: bool = False) -> dict:
     """Aggregate scores over ``(image, prompt[, category])`` items (or dicts with those keys).
 
@@ -425,57 +336,21 @@ def evaluate(images_and_prompts: Iterable, *, keep_results: bool = False) -> dic
     (mean of the category accuracies, as GenEval), ``single_attributes`` (color / shape /
     position / all accuracies over single-object prompts), ``shape_confusion`` (for those
     prompts: asked shape → shape read on the best-matching object → count), ``not_scorable``,
-    ``n_images``.
+    ``n_images``; with ``keep_results``, ``results`` (every image's :class:`Result` as a dict).
     When ``category`` is not given it is inferred from the prompt.
     """
-    cats: dict[str, dict] = {}
-    attrs = {"n": 0, "color": 0, "shape": 0, "position": 0, "all": 0}
-    confusion = {shape: {read: 0 for read in (*P.SHAPES, "none")} for shape in P.SHAPES}
-    not_scorable = 0
-    n_images = 0
+    tally = _Tally()
     results = []
     for item in images_and_prompts:
         image, prompt, category = _unpack(item)
-        n_images += 1
         res = score(prompt, image)
+        tally.add(res, category)
         if keep_results:
             results.append(res)
-        if not res.scorable:
-            not_scorable += 1
-            continue
-        cat = category or res.category
-        entry = cats.setdefault(cat, {"n": 0, "correct": 0})
-        entry["n"] += 1
-        entry["correct"] += int(res.correct)
-        if cat == "single" and res.all_ok is not None:
-            attrs["n"] += 1
-            attrs["color"] += int(bool(res.color_ok))
-            attrs["shape"] += int(bool(res.shape_ok))
-            attrs["position"] += int(bool(res.position_ok))
-            attrs["all"] += int(bool(res.all_ok))
-            if res.shape_read is not None:
-                confusion[res.shape_asked][res.shape_read] += 1
-    order = list(P.CATEGORIES) + sorted(c for c in cats if c not in P.CATEGORIES)
-    categories = {}
-    for c in order:
-        if c in cats:
-            e = cats[c]
-            categories[c] = {"n": e["n"], "correct": e["correct"], "accuracy": e["correct"] / e["n"]}
-    an = attrs["n"]
-    single_attributes = {"n": an, **{k: (attrs[k] / an if an else None) for k in ("color", "shape", "position", "all")}}
-    accs = [v["accuracy"] for v in categories.values()]
-    report = {
-        "n_images": n_images,
-        "n_scored": n_images - not_scorable,
-        "not_scorable": not_scorable,
-        "overall": float(np.mean(accs)) if accs else None,
-        "categories": categories,
-        "single_attributes": single_attributes,
-        "shape_confusion": {k: v for k, v in confusion.items() if sum(v.values())},
-    }
+    report = tally.report()
     if keep_results:
         report["results"] = [_result_dict(r) for r in results]
-    logger.info("toy evaluation: %d images, %d not scorable, overall %s", n_images, not_scorable,
+    logger.info("toy evaluation: %d images, %d not scorable, overall %s", report["n_images"], report["not_scorable"],
                 "n/a" if report["overall"] is None else f"{report['overall']:.3f}")
     return report
 
@@ -513,21 +388,11 @@ def format_table(report: dict) -> str:
 
 
 def save_json(report: dict, path: str) -> None:
-    """Write a report as JSON atomically (temp file + os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Write a report as JSON, atomically (a killed run leaves the old file or the new one)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+        write_json(path, report, indent=2)
     except OSError as e:
         raise PixsigmaError(f"cannot write report to {path!r}: {e}; expected a writable path") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def evaluate_folder(folder: str, limit: int | None = None) -> dict:
@@ -546,41 +411,3 @@ def evaluate_folder(folder: str, limit: int | None = None) -> dict:
                 yield im.convert("RGB"), r["prompt"]
 
     return evaluate(items())
-
-
-def clean_render_accuracy(
-    n: int = 300,
-    seed: int = 0,
-    size: int = 64,
-    transform: Callable | None = None,
-    batch_transform: Callable | None = None,
-) -> dict:
-    """Evaluator accuracy on reference renders: an upper bound / self-check of the evaluator.
-
-    Half of the ``n`` images are renders of held-out prompts (``scene_from_prompt``), half are
-    generator scenes scored against their own short captions. ``transform`` (PIL image -> PIL
-    image or HxWx3 uint8 array) is applied to each image, ``batch_transform`` (list -> list) to
-    all of them at once (e.g. a VAE encode/decode round trip). Returns an :func:`evaluate` report.
-    """
-    from pixsigma.toy.render import render, sample_scene, scene_from_prompt
-
-    if not isinstance(n, int) or n < 12:
-        raise PixsigmaError(f"clean_render_accuracy needs n >= 12 images, got {n!r}")
-    n_held = n // 2
-    items = []
-    for i, item in enumerate(P.heldout_prompts(n_held, seed=seed)):
-        rng = np.random.default_rng([seed, 1, i])
-        scene = scene_from_prompt(item.prompt, rng)
-        items.append((render(scene, size), item.prompt, item.category))
-    for i in range(n - n_held):
-        rng = np.random.default_rng([seed, 2, i])
-        scene = sample_scene(rng)
-        items.append((render(scene, size), scene.short_caption, None))
-    images = [im for im, _, _ in items]
-    if transform is not None:
-        images = [transform(im) for im in images]
-    if batch_transform is not None:
-        images = list(batch_transform(images))
-        if len(images) != len(items):
-            raise PixsigmaError(f"batch_transform returned {len(images)} images for {len(items)} inputs")
-    return evaluate((im, p, c) for im, (_, p, c) in zip(images, items))

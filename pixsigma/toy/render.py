@@ -7,112 +7,42 @@ prompt, :func:`render` draws a scene anti-aliased (supersampled, box-filtered), 
 streams ``(image, short_caption, long_caption, scene)`` deterministically from a seed, and
 :func:`write_dataset` writes PNG files plus a PixArt-style ``data_info.json``.
 
-Geometry. Coordinates are normalized to [0, 1] (x to the right, y down). Every shape fills an
-axis-aligned ``size x size`` box centered on ``(x, y)``: circle = inscribed disc, square = the box,
-triangle = apex at the top middle and base along the bottom edge, cross = a plus sign whose arms
-are ``CROSS_ARM`` of the box wide. The center always lies inside its grid cell with a margin of
-``CELL_MARGIN``, objects keep at least ``GAP`` apart, and objects stay ``EDGE_PAD`` inside the
-image border.
-
-Sizes (fraction of the image side): small 0.19-0.22 (12-14 px at 64 px), medium 0.29-0.35
-(19-22 px), large 0.42-0.45 (27-29 px).
+The scene model, the shapes' geometry (sizes, margins, the cross's arm width) and the rules for
+when objects satisfy a prompt live in :mod:`pixsigma.toy.scene`; the names are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import atomic_write, write_json
 from pixsigma.toy import prompts as P
+from pixsigma.toy.scene import (
+    CELL_MARGIN,
+    CROSS_ARM,
+    EDGE_PAD,
+    GAP,
+    SIZE_RANGES,
+    Scene,
+    SceneObject,
+    detections_from_scene,
+    score_detections,
+)
 
 logger = logging.getLogger(__name__)
 
-SIZE_RANGES: dict[str, tuple[float, float]] = {
-    "small": (0.19, 0.22),
-    "medium": (0.29, 0.35),
-    "large": (0.42, 0.45),
-}
-CROSS_ARM = 0.36
-CELL_MARGIN = 0.03
-EDGE_PAD = 0.02
-GAP = 0.04
 RELATION_MIN_GEN = 0.15  # generated relations have at least this center offset along their axis
 
 SCENE_KINDS: tuple[str, ...] = ("single", "two_objects", "color_attr", "position", "counting", "multi")
 _KIND_WEIGHTS = np.array([0.3, 0.14, 0.14, 0.16, 0.16, 0.10])
 _SIZE_PHRASE = {"small": "small", "medium": "medium-sized", "large": "large"}
 _MIN_IMAGE_SIZE = 16
-
-
-# --------------------------------------------------------------------------- data classes
-
-
-@dataclass
-class SceneObject:
-    shape: str
-    color: str
-    x: float
-    y: float
-    size: float
-    size_name: str = "medium"
-
-    @property
-    def cell(self) -> str:
-        return P.cell_of(self.x, self.y)
-
-    def to_dict(self) -> dict:
-        return {
-            "shape": self.shape, "color": self.color, "x": round(float(self.x), 5),
-            "y": round(float(self.y), 5), "size": round(float(self.size), 5),
-            "size_name": self.size_name, "cell": self.cell,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SceneObject":
-        try:
-            return cls(str(d["shape"]), str(d["color"]), float(d["x"]), float(d["y"]),
-                       float(d["size"]), str(d.get("size_name", "medium")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PixsigmaError(f"bad scene object {d!r}: {e}; expected keys shape, color, x, y, size") from e
-
-
-@dataclass
-class Scene:
-    objects: list[SceneObject]
-    background: str
-    kind: str = "custom"
-    short_caption: str = ""
-    long_caption: str = ""
-    relations: list[tuple[int, str, int]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "background": self.background,
-            "objects": [o.to_dict() for o in self.objects],
-            "relations": [[a, r, b] for a, r, b in self.relations],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict, short_caption: str = "", long_caption: str = "") -> "Scene":
-        if not isinstance(d, dict) or "objects" not in d:
-            raise PixsigmaError(f"bad scene dict {d!r}; expected a dict with 'objects' and 'background'")
-        return cls(
-            objects=[SceneObject.from_dict(o) for o in d["objects"]],
-            background=str(d.get("background", "white")),
-            kind=str(d.get("kind", "custom")),
-            short_caption=short_caption,
-            long_caption=long_caption,
-            relations=[(int(a), str(r), int(b)) for a, r, b in d.get("relations", [])],
-        )
 
 
 # --------------------------------------------------------------------------- rendering
@@ -327,63 +257,79 @@ def _long_caption(rng: np.random.Generator, scene: Scene) -> str:
     return " ".join(sentences)
 
 
-def _short_caption(rng: np.random.Generator, scene: Scene, allow_heldout_phrasing: bool) -> str:
+def _phrase(o: SceneObject, *, pos: bool = False, size: bool = False, color: bool = True) -> str:
+    """A short-caption phrase for one object ("a red circle", "a circle at the top left", ...)."""
+    return P.object_phrase(o.color if color else None, o.shape, 1, o.cell if pos else None,
+                           size=o.size_name if size else None)
+
+
+# Short-caption templates, one function per scene kind: (scene, template index 0..3) -> text.
+
+
+def _short_single(scene: Scene, t: int) -> str:
+    o = scene.objects[0]
+    if t == 0:
+        return _phrase(o, pos=True)
+    if t == 1:
+        return f"{o.color} {o.shape}, {o.cell}"
+    if t == 2:
+        return _phrase(o, pos=True, size=True)
+    return f"{_phrase(o, pos=True)} on {_a(scene.background)} background"
+
+
+def _short_pair(scene: Scene, t: int) -> str:
+    a, b = scene.objects
+    if scene.kind == "two_objects" and t == 1:
+        return f"{_phrase(a, color=False)} and {_phrase(b, color=False)}"
+    if t == 2:
+        return f"{_phrase(a, pos=True)} and {_phrase(b, pos=True)}"
+    if t == 3:
+        return f"{a.color} {a.shape} and {b.color} {b.shape}"
+    return f"{_phrase(a)} and {_phrase(b)}"
+
+
+def _short_position(scene: Scene, t: int) -> str:
+    (ia, rel, ib), = scene.relations
+    a, b = scene.objects[ia], scene.objects[ib]
+    if t == 1 and rel in ("left of", "right of"):
+        return f"{_phrase(a)} to the {rel.split()[0]} of {_phrase(b)}"
+    if t == 2:
+        return f"{_phrase(a)} {rel} {_phrase(b)} on {_a(scene.background)} background"
+    return f"{_phrase(a)} {rel} {_phrase(b)}"
+
+
+def _short_counting(scene: Scene, t: int) -> str:
     objs = scene.objects
-    bg = scene.background
-    kind = scene.kind
+    o = objs[0]
+    same_color = len({x.color for x in objs}) == 1
+    text = P.object_phrase(o.color if same_color else None, o.shape, len(objs), exact=True)
+    return text + f" on {_a(scene.background)} background" if t == 1 else text
+
+
+def _short_multi(scene: Scene, t: int) -> str:
+    a, b, c = scene.objects
+    if t == 1:
+        return f"{a.color} {a.shape}, {b.color} {b.shape} and {c.color} {c.shape}"
+    if t == 2:
+        return f"{_phrase(a)}, {_phrase(b)}, and {_phrase(c)}"
+    return f"{_phrase(a)}, {_phrase(b)} and {_phrase(c)}"
+
+
+def _short_list(scene: Scene, t: int) -> str:
+    return ", ".join(_phrase(o) for o in scene.objects)
+
+
+_SHORT_TEMPLATES = {
+    "single": _short_single, "two_objects": _short_pair, "color_attr": _short_pair,
+    "position": _short_position, "counting": _short_counting, "multi": _short_multi,
+}
+
+
+def _short_caption(rng: np.random.Generator, scene: Scene, allow_heldout_phrasing: bool) -> str:
+    """The scene's short caption: one of four templates of its kind, drawn from `rng`; with
+    `allow_heldout_phrasing`, 15% of captions get the held-out prefix."""
     t = int(rng.integers(4))
-
-    def ph(o: SceneObject, *, pos: bool = False, size: bool = False, color: bool = True) -> str:
-        return P.object_phrase(o.color if color else None, o.shape, 1, o.cell if pos else None,
-                               size=o.size_name if size else None)
-
-    if kind == "single":
-        o = objs[0]
-        if t == 0:
-            text = ph(o, pos=True)
-        elif t == 1:
-            text = f"{o.color} {o.shape}, {o.cell}"
-        elif t == 2:
-            text = ph(o, pos=True, size=True)
-        else:
-            text = f"{ph(o, pos=True)} on {_a(bg)} background"
-    elif kind in ("two_objects", "color_attr"):
-        a, b = objs
-        if kind == "two_objects" and t == 1:
-            text = f"{ph(a, color=False)} and {ph(b, color=False)}"
-        elif t == 2:
-            text = f"{ph(a, pos=True)} and {ph(b, pos=True)}"
-        elif t == 3:
-            text = f"{a.color} {a.shape} and {b.color} {b.shape}"
-        else:
-            text = f"{ph(a)} and {ph(b)}"
-    elif kind == "position":
-        (ia, rel, ib), = scene.relations
-        a, b = objs[ia], objs[ib]
-        if t == 1 and rel in ("left of", "right of"):
-            text = f"{ph(a)} to the {rel.split()[0]} of {ph(b)}"
-        elif t == 2:
-            text = f"{ph(a)} {rel} {ph(b)} on {_a(bg)} background"
-        else:
-            text = f"{ph(a)} {rel} {ph(b)}"
-    elif kind == "counting":
-        n = len(objs)
-        o = objs[0]
-        same_color = len({x.color for x in objs}) == 1
-        color = o.color if same_color else None
-        text = P.object_phrase(color, o.shape, n, exact=True)
-        if t == 1:
-            text += f" on {_a(bg)} background"
-    elif kind == "multi":
-        a, b, c = objs
-        if t == 1:
-            text = f"{a.color} {a.shape}, {b.color} {b.shape} and {c.color} {c.shape}"
-        elif t == 2:
-            text = f"{ph(a)}, {ph(b)}, and {ph(c)}"
-        else:
-            text = f"{ph(a)}, {ph(b)} and {ph(c)}"
-    else:
-        text = ", ".join(ph(o) for o in objs)
+    text = _SHORT_TEMPLATES.get(scene.kind, _short_list)(scene, t)
     if allow_heldout_phrasing and rng.random() < 0.15:
         text = P.HELDOUT_PREFIX + text
     return text
@@ -395,6 +341,44 @@ def _short_caption(rng: np.random.Generator, scene: Scene, allow_heldout_phrasin
 def _pick(rng: np.random.Generator, seq, k: int = 1, replace: bool = False) -> list:
     idx = rng.choice(len(seq), size=k, replace=replace)
     return [seq[int(i)] for i in idx]
+
+
+def _draw_items(rng: np.random.Generator, kind: str) -> tuple[list[dict], list[tuple[int, str, int]]]:
+    """The objects (dicts with shape, color, size_name, optional cell) and relations of a random
+    scene of `kind`, before placement."""
+    relations: list[tuple[int, str, int]] = []
+    if kind == "single":
+        size_names = _pick(rng, P.SIZE_NAMES, 1, replace=True)
+        items = [{"shape": _pick(rng, P.SHAPES)[0], "color": _pick(rng, P.COLOR_NAMES)[0],
+                  "cell": _pick(rng, P.POSITIONS)[0]}]
+    elif kind == "two_objects":
+        shapes = _pick(rng, P.SHAPES, 2)
+        colors = _pick(rng, P.COLOR_NAMES, 2, replace=True)
+        items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
+    elif kind in ("color_attr", "position"):
+        colors = _pick(rng, P.COLOR_NAMES, 2)
+        shapes = _pick(rng, P.SHAPES, 2, replace=True)
+        items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
+        if kind == "position":
+            relations = [(0, _pick(rng, P.RELATIONS)[0], 1)]
+    elif kind == "counting":
+        n = int(rng.integers(1, 4))
+        shape = _pick(rng, P.SHAPES)[0]
+        if n > 1 and rng.random() < 0.3:
+            colors = _pick(rng, P.COLOR_NAMES, n)
+        else:
+            colors = [_pick(rng, P.COLOR_NAMES)[0]] * n
+        items = [{"shape": shape, "color": c} for c in colors]
+    else:  # multi
+        shapes = _pick(rng, P.SHAPES, 3, replace=True)
+        colors = _pick(rng, P.COLOR_NAMES, 3)
+        items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
+    if kind != "single":
+        choices = ("small", "medium") if len(items) == 3 else ("small", "medium", "medium", "large")
+        size_names = [choices[int(rng.integers(len(choices)))] for _ in items]
+    for it, sn in zip(items, size_names):
+        it["size_name"] = sn
+    return items, relations
 
 
 def sample_scene(rng: np.random.Generator, kind: str | None = None, exclude_heldout: bool = True) -> Scene:
@@ -411,41 +395,7 @@ def sample_scene(rng: np.random.Generator, kind: str | None = None, exclude_held
         raise PixsigmaError(f"unknown scene kind {kind!r}; expected one of {', '.join(SCENE_KINDS)}")
     background = P.BACKGROUND_NAMES[int(rng.integers(len(P.BACKGROUND_NAMES)))]
     for _ in range(50):
-        relations: list[tuple[int, str, int]] = []
-        if kind == "single":
-            size_names = _pick(rng, P.SIZE_NAMES, 1, replace=True)
-            items = [{"shape": _pick(rng, P.SHAPES)[0], "color": _pick(rng, P.COLOR_NAMES)[0],
-                      "cell": _pick(rng, P.POSITIONS)[0]}]
-        elif kind == "two_objects":
-            shapes = _pick(rng, P.SHAPES, 2)
-            colors = _pick(rng, P.COLOR_NAMES, 2, replace=True)
-            items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
-        elif kind == "color_attr":
-            colors = _pick(rng, P.COLOR_NAMES, 2)
-            shapes = _pick(rng, P.SHAPES, 2, replace=True)
-            items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
-        elif kind == "position":
-            colors = _pick(rng, P.COLOR_NAMES, 2)
-            shapes = _pick(rng, P.SHAPES, 2, replace=True)
-            items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
-            relations = [(0, _pick(rng, P.RELATIONS)[0], 1)]
-        elif kind == "counting":
-            n = int(rng.integers(1, 4))
-            shape = _pick(rng, P.SHAPES)[0]
-            if n > 1 and rng.random() < 0.3:
-                colors = _pick(rng, P.COLOR_NAMES, n)
-            else:
-                colors = [_pick(rng, P.COLOR_NAMES)[0]] * n
-            items = [{"shape": shape, "color": c} for c in colors]
-        else:  # multi
-            shapes = _pick(rng, P.SHAPES, 3, replace=True)
-            colors = _pick(rng, P.COLOR_NAMES, 3)
-            items = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
-        if kind != "single":
-            choices = ("small", "medium") if len(items) == 3 else ("small", "medium", "medium", "large")
-            size_names = [choices[int(rng.integers(len(choices)))] for _ in items]
-        for it, sn in zip(items, size_names):
-            it["size_name"] = sn
+        items, relations = _draw_items(rng, kind)
         objects = _place(rng, items, relations)
         if objects is None:
             continue
@@ -464,8 +414,6 @@ def scene_from_prompt(prompt, rng: np.random.Generator, background: str | None =
     Unspecified colors / shapes / cells are drawn from ``rng``. The short caption is the prompt.
     Raises PixsigmaError when the prompt is not scorable or cannot be laid out.
     """
-    from pixsigma.toy.evaluate import detections_from_scene, score_detections  # avoid import cycle
-
     spec = P.parse_prompt(prompt) if isinstance(prompt, str) else prompt
     if not isinstance(spec, P.PromptSpec):
         raise PixsigmaError(f"prompt {prompt!r} is outside the toy vocabulary; expected e.g. 'a red circle at the top left'")
@@ -538,17 +486,8 @@ def generate(
         i += 1
 
 
-def _atomic_write_bytes(path: str, write_fn) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _save_png(path: str, image: Image.Image) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_dataset(
@@ -584,16 +523,14 @@ def write_dataset(
     records = []
     for i, (img, short, long_, scene) in enumerate(it):
         rel = f"images/{i:07d}.png"
-        _atomic_write_bytes(os.path.join(folder, rel), lambda f, im=img: im.save(f, format="PNG"))
+        _save_png(os.path.join(folder, rel), img)
         mask_rel = f"images/{i:07d}.mask.png"
-        mask = render_mask(scene, size)
-        _atomic_write_bytes(os.path.join(folder, mask_rel), lambda f, im=mask: im.save(f, format="PNG"))
+        _save_png(os.path.join(folder, mask_rel), render_mask(scene, size))
         records.append({
             "path": rel, "height": size, "width": size, "ratio": float(size) / float(size),
             "prompt": short, "sharegpt4v": long_, "loss_mask": mask_rel, "scene": scene.to_dict(),
         })
     info_path = os.path.join(folder, "data_info.json")
-    payload = json.dumps(records, indent=1).encode("utf-8")
-    _atomic_write_bytes(info_path, lambda f: f.write(payload))
+    write_json(info_path, records, indent=1)
     logger.info("wrote %d toy images (%dpx, seed %d) to %s", n, size, seed, folder)
     return info_path

@@ -29,6 +29,7 @@ from pixsigma.io import write_text
 from pixsigma.model.checkpoint import load_transformer, save_safetensors
 from pixsigma.model.transformer import deep_half
 from pixsigma.model.transitions import add_kv_compression, change_caption_tokens, change_resolution, grow_depth
+from pixsigma.vae import config_info, vae_folder
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def vae_factor_of(model, default: int = 8) -> int:
 
 def read_vae_config(path) -> dict:
     """Scaling/shift factor, latent channels and downsampling factor from a VAE folder's config.json."""
-    path = Path(path)
-    if (path / "vae").is_dir() and not (path / "config.json").is_file():
-        path = path / "vae"
+    path = vae_folder(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise PixsigmaError(f"{path}: not a VAE folder (no config.json); expected a diffusers AutoencoderKL folder")
@@ -70,13 +69,9 @@ def read_vae_config(path) -> dict:
         raise PixsigmaError(f"{cfg_file}: not valid JSON ({e})") from None
     if "latent_channels" not in cfg or "block_out_channels" not in cfg:
         raise PixsigmaError(f"{cfg_file}: not an AutoencoderKL config (no latent_channels / block_out_channels)")
-    return {
-        "vae": str(path.resolve()),
-        "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
-        "shift_factor": float(cfg.get("shift_factor") or 0.0),
-        "latent_channels": int(cfg["latent_channels"]),
-        "factor": 2 ** (len(cfg["block_out_channels"]) - 1),
-    }
+    info = config_info(cfg)
+    # key order kept: the dict lands in checkpoint history and cache metadata as JSON
+    return {"vae": str(path.resolve()), **{k: info[k] for k in ("scaling_factor", "shift_factor", "latent_channels", "factor")}}
 
 
 def adapt_vae(src, dst, vae, caches=()) -> Path:

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from pixsigma.data.buckets import BucketBatchSampler
-from pixsigma.data.cache import (CachedSource, FeatureCache, RawSource, autoencoder, check_not_stale, is_cache, load_text_encoder,
-                                 load_vae, scale_latents, vae_info)
+from pixsigma.data.cache import CachedSource, FeatureCache, RawSource, check_not_stale, is_cache
 from pixsigma.data.datasets import CaptionDataset
 from pixsigma.diffusion.gaussian import GaussianDiffusion
 from pixsigma.errors import PixsigmaError
@@ -44,6 +43,8 @@ from pixsigma.model.checkpoint import load_transformer, save_safetensors
 from pixsigma.model.transformer import PRESETS, KVCompressConfig, PixArtSigmaTransformer
 from pixsigma.train.checkpointing import latest_checkpoint, load_checkpoint, optimizer_from_files, rng_state, save_checkpoint, set_rng_state
 from pixsigma.train.config import TrainConfig
+from pixsigma.text import load_text_encoder
+from pixsigma.vae import autoencoder, load_autoencoder, scale_latents, vae_info
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def _setup_data(cfg: TrainConfig, text_encoder, vae, device):
     if vae is None:
         if not d.vae:
             raise PixsigmaError("training from raw images needs data.vae (an AutoencoderKL folder) or a feature cache")
-        vae = load_vae(d.vae)
+        vae = load_autoencoder(d.vae, frozen=True)
     if text_encoder is None:
         if not d.text_encoder:
             raise PixsigmaError("training from raw images needs data.text_encoder (a text encoder folder) or a feature cache")
