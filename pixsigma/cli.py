@@ -48,11 +48,18 @@ def add_convert(sub) -> None:
 
 
 def cmd_train_vae(args) -> int:
-    from pixsigma.train.vae import VAETrainConfig, train_vae
+    from pixsigma.toy.render import generate
+    from pixsigma.train.vae import CALIBRATION_BATCHES, VAETrainConfig, train_vae
 
     config = VAETrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             decoder_only=args.decoder_only, object_weight=args.object_weight)
-    train_vae(args.out, config, init_from=args.init_from)
+    # The toy images, item i drawn from (seed, i). A continued run (--init-from) starts far down
+    # the stream so it sees new images; the scaling factor is measured on a fixed set further on.
+    start = 0 if args.init_from is None else 5 * 10**6
+    images = (image for image, *_ in generate(None, seed=args.seed, size=args.size, start=start))
+    calibration = (image for image, *_ in generate(CALIBRATION_BATCHES * args.batch_size, seed=args.seed, size=args.size,
+                                                    start=10**7))
+    train_vae(args.out, images, config, init_from=args.init_from, calibration=calibration)
     return 0
 
 
@@ -130,72 +137,55 @@ def _load_generate_pipeline(model, device, dtype):
 
 
 def cmd_generate(args) -> int:
+    """Generate the PNGs; image k of a prompt gets seed S + k through its own generator, so it is
+    the image `--seed S+k` alone gives. Sampler, steps, guidance, -n and dtype are checked by the
+    pipeline (a bad value fails there before any image is written)."""
     import random
 
     import torch
 
     import pixsigma
-    from pixsigma.diffusion.samplers import default_steps, resolve_sampler
     from pixsigma.pngmeta import save_png
     from pixsigma.resolution import parse_ratio, parse_size, size_for_ratio
 
-    sampler = resolve_sampler(args.sampler)
     prompts = _generate_prompts(args)
-    if args.num < 1:
-        raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
     if args.size and args.ar:
         raise PixsigmaError("give either --size WxH or --ar H:W, not both")
-    height = width = ratio = None
-    if args.size:
-        height, width = parse_size(args.size)
-    if args.ar:
-        ratio = parse_ratio(args.ar)
-    steps = args.steps if args.steps is not None else default_steps(sampler)
-    if not 1 <= steps <= 1000:
-        raise PixsigmaError(f"--steps {steps}: expected 1..1000")
-    if not (args.cfg >= 0 and args.cfg < float("inf")):
-        raise PixsigmaError(f"--cfg {args.cfg}: expected a finite number >= 0")
-    if args.dtype not in GENERATE_DTYPES:
-        raise PixsigmaError(f"--dtype {args.dtype!r}: expected one of {', '.join(GENERATE_DTYPES)}")
+    height, width = parse_size(args.size) if args.size else (None, None)
+    ratio = parse_ratio(args.ar) if args.ar else None
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
-    from pixsigma.pipeline import check_guidance_interval
-
-    interval = check_guidance_interval(args.guidance_interval)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     paths = _output_paths(args.output, len(prompts) * args.num)
-    if not args.overwrite:
-        existing = [str(p) for p in paths if p.exists()]
-        if existing:
-            raise PixsigmaError(f"{existing[0]}: already exists ({len(existing)} of the outputs); expected new file names or --overwrite")
+    existing = [str(p) for p in paths if p.exists()] if not args.overwrite else []
+    if existing:
+        raise PixsigmaError(f"{existing[0]}: already exists ({len(existing)} of the outputs); expected new file names or --overwrite")
 
     pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
     if args.compile:
         pipe.enable_compile()
     if ratio is not None:
         height, width = size_for_ratio(ratio, pipe.resolution)
-    model_hash = pipe.weights_hash()
-    index = 0
-    for prompt in prompts:
-        seeds = [seed + index + k for k in range(args.num)]
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=args.cfg,
-                   height=height, width=width, num_images_per_prompt=args.num, generator=gens, sampler=sampler,
-                   output_type="pil", progress=True, guidance_interval=interval)
+    for i, prompt in enumerate(prompts):
+        first = i * args.num
+        gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(args.num)]
+        out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                   height=height, width=width, num_images_per_prompt=args.num, generator=gens, sampler=args.sampler,
+                   output_type="pil", progress=True, guidance_interval=args.guidance_interval)
+        info = out.info
         for k, image in enumerate(out.images):
             params = {
-                "prompt": prompt, "negative": args.negative, "seed": seeds[k], "steps": steps, "cfg": args.cfg,
-                "sampler": sampler, "size": f"{image.width}x{image.height}",
-                "generated_size": f"{out.info['generated_width']}x{out.info['generated_height']}",
-                "model": pipe.name, "model_hash": model_hash, "dtype": args.dtype, "pixsigma": pixsigma.__version__,
+                "prompt": prompt, "negative": args.negative, "seed": seed + first + k, "steps": info["steps"],
+                "cfg": args.cfg, "sampler": info["sampler"], "size": f"{image.width}x{image.height}",
+                "generated_size": f"{info['generated_width']}x{info['generated_height']}",
+                "model": pipe.name, "model_hash": pipe.weights_hash(), "dtype": args.dtype, "pixsigma": pixsigma.__version__,
             }
-            if "guidance_interval" in out.info:
-                params["guidance_interval"] = ",".join(f"{t:g}" for t in out.info["guidance_interval"])
-            path = save_png(image, paths[index + k], params, overwrite=args.overwrite)
-            log.info("wrote %s (seed %d, %dx%d)", path, seeds[k], image.width, image.height)
-        index += args.num
+            if "guidance_interval" in info:
+                params["guidance_interval"] = ",".join(f"{t:g}" for t in info["guidance_interval"])
+            path = save_png(image, paths[first + k], params, overwrite=args.overwrite)
+            log.info("wrote %s (seed %d, %dx%d)", path, params["seed"], image.width, image.height)
     return 0
 
 
@@ -261,7 +251,8 @@ def cmd_train(args) -> int:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune the transformer from a TOML/YAML config")
     p.add_argument("config", help="training config (.toml / .yaml); see configs/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the output folder (with none there: a fresh start, with a warning)")
     p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
     p.add_argument("--output", default=None, help="override output.dir")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
@@ -269,9 +260,35 @@ def add_train(sub) -> None:
 
 
 def cmd_extract(args) -> int:
-    from pixsigma.data.cache import run_extract
+    from pixsigma.data.cache import extract
 
-    run_extract(args)
+    d, tokens = {}, None
+    if args.config:  # unset options come from the training config's data section, tokens from its model
+        from pixsigma.model.transformer import PRESETS
+        from pixsigma.train.config import load_config
+
+        cfg = load_config(args.config)
+        d = vars(cfg.data)
+        if "max_caption_tokens" in cfg.model.overrides:
+            tokens = int(cfg.model.overrides["max_caption_tokens"])
+        elif cfg.model.init_from:
+            from pixsigma.model.checkpoint import read_checkpoint
+
+            tokens = read_checkpoint(cfg.model.init_from)[1].max_caption_tokens
+        else:
+            tokens = PRESETS[cfg.model.preset].max_caption_tokens
+    need = {"dataset": args.dataset or d.get("path"), "--cache": args.cache or d.get("cache_dir"),
+            "--vae": args.vae or d.get("vae"), "--text-encoder": args.text_encoder or d.get("text_encoder"),
+            "--resolution": args.resolution or d.get("resolution")}
+    for name, value in need.items():
+        if not value:
+            raise PixsigmaError(f"extract needs {name} (give it, or a --config that sets it)")
+    extract(need["dataset"], need["--cache"], need["--vae"], need["--text-encoder"], int(need["--resolution"]),
+            args.max_tokens or tokens or 300, layout=args.layout or d.get("layout", "auto"),
+            long_caption_key=args.long_caption_key or d.get("long_caption_key", "sharegpt4v"),
+            max_aspect_ratio=d.get("max_aspect_ratio", 4.0), image_root=d.get("image_root"), patch_size=args.patch_size,
+            shard_size=args.shard_size, batch_size=args.batch_size, start=args.start, end=args.end, rank=args.rank,
+            world_size=args.world_size, dtype=args.dtype, device=args.device)
     return 0
 
 
@@ -355,9 +372,14 @@ TRAIN_COMMANDS = (add_train, add_extract, add_adapt)
 
 
 def cmd_eval_adherence(args) -> int:
-    from pixsigma.eval.adherence import run_adherence
+    from pixsigma.eval.adherence import evaluate_adherence
+    from pixsigma.toy.evaluate import format_table
 
-    run_adherence(args)
+    report = evaluate_adherence(args.model, transformer=args.transformer, prompts=args.prompts, seeds=args.seeds,
+                                steps=args.steps, guidance_scale=args.cfg, guidance_interval=args.guidance_interval,
+                                sampler=args.sampler, size=args.size, batch_size=args.batch_size, dtype=args.dtype,
+                                save_images=args.save_images, json_path=args.json)
+    print(format_table(report))
     return 0
 
 
@@ -383,6 +405,27 @@ def add_eval(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# ship
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_ship(args) -> int:
+    from pixsigma.toy.ship import ship
+
+    ship(args.vae, args.transformer, dest=args.dest, model_card=args.model_card)
+    return 0
+
+
+def add_ship(sub) -> None:
+    p = sub.add_parser("ship", help="write a trained VAE + transformer as a pipeline folder (default: the package's default model)")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
+    p.add_argument("--transformer", required=True, help="transformer checkpoint (any layout load_transformer reads); stored in fp16")
+    p.add_argument("--dest", default=None, help="output folder (default: pixsigma/assets/default_model, replaced whole)")
+    p.add_argument("--model-card", default=None, help="Markdown file to ship as MODEL_CARD.md (default: a generated card)")
+    p.set_defaults(func=cmd_ship)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -391,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixsigma", description="PixArt-Σ text-to-image: generate, convert, train, evaluate")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_train_vae, add_generate, add_info, add_eval):
+    for add in (add_convert, add_train_vae, add_generate, add_info, add_eval, add_ship):
         add(sub)
     for add in TRAIN_COMMANDS:
         add(sub)

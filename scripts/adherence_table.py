@@ -1,10 +1,10 @@
-"""Print the README's adherence table from `pixsigma eval adherence --json` reports.
+"""Print an adherence table (Markdown) from `pixsigma eval adherence --json` reports.
 
-    python scripts/adherence_table.py "shipped (after KV stage)=runs/toy/adherence_20.json" \
+    python scripts/adherence_table.py "shipped, 20 steps=runs/toy/adherence_20.json" \
         "shipped, 10 steps=runs/toy/adherence_10.json" "before the KV stage=runs/toy/adherence_pre_kv.json"
 
-Each argument is LABEL=PATH; rows come out in argument order, so the table in the README is
-exactly what the reports say.
+Each argument is LABEL=PATH; rows come out in argument order, so the tables in the README, the
+model card and docs/ are exactly what the reports say.
 """
 
 from __future__ import annotations

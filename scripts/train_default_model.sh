@@ -3,8 +3,8 @@
 #   synthetic data → toy VAE → stage 1 at 32px → adapt resolution → stages 2 and 2b at 64px
 #   → stage 2c (the same network fine-tuned from ε- to v-prediction) → adapt kv-compress (deep
 #   half, conv R=2) → stage 3 and its warm restarts 3b and 3c → stage 4, one long fine-tune →
-#   held-out adherence evaluation → ship into
-#   pixsigma/assets/default_model (weights, logs and reports).
+#   held-out adherence evaluation → `pixsigma ship` into pixsigma/assets/default_model (weights,
+#   VAE, model index and model card; the logs and reports stay in runs/toy).
 # Every step skips what is already done and every training stage resumes (--resume), so a
 # killed run is continued by running this script again. Logs go to runs/toy/*.log.
 #   bash scripts/train_default_model.sh
@@ -36,16 +36,13 @@ pixsigma extract --config configs/toy/stage1_32px.toml --cache "$RUN/cache-64" -
 pixsigma train configs/toy/stage2_64px.toml --resume 2>&1 | tee -a "$RUN/stage2.log"
 pixsigma train configs/toy/stage2b_64px.toml --resume 2>&1 | tee -a "$RUN/stage2b.log"
 pixsigma train configs/toy/stage2c_vpred.toml --resume 2>&1 | tee -a "$RUN/stage2c.log"
-python scripts/x0_error.py "$RUN/stage2c/model.safetensors" 2>&1 | tee "$RUN/x0_error_stage2c.log"
 
 [ -f "$RUN/stage3_init.safetensors" ] || pixsigma adapt kv-compress "$RUN/stage2c/model.safetensors" "$RUN/stage3_init.safetensors" --layers deep --operator conv --ratio 2
 pixsigma train configs/toy/stage3_kv.toml --resume 2>&1 | tee -a "$RUN/stage3.log"
-python scripts/x0_error.py "$RUN/stage3/model.safetensors" 2>&1 | tee "$RUN/x0_error_stage3.log"
 # stages 3b and 3c: warm restarts of the KV fine-tune (each a fresh AdamW at 2e-4, cosine to 1e-5)
 for s in 3b 3c; do
     pixsigma train configs/toy/stage${s}_kv.toml --resume 2>&1 | tee -a "$RUN/stage$s.log"
 done
-python scripts/x0_error.py "$RUN/stage3c/model.safetensors" 2>&1 | tee "$RUN/x0_error_stage3c.log"
 # stage 4: 4,000 steps at peak lr 3e-4 from the stage-3c EMA weights
 pixsigma train configs/toy/stage4_long.toml --resume 2>&1 | tee -a "$RUN/stage4.log"
 FINAL="$RUN/stage4/model.safetensors"
@@ -58,5 +55,6 @@ pixsigma eval adherence --steps 10 --seeds 4 --dtype bf16 --transformer "$FINAL"
 pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$RUN/stage2c/model.safetensors" \
     --json "$RUN/adherence_pre_kv.json" 2>&1 | tee "$RUN/adherence_pre_kv.log"
 
-# into the package, with the training logs and the reports above
-python -m pixsigma.toy.ship --vae "$RUN/vae_dec" --transformer "$FINAL" --logs "$RUN"
+# into the package, keeping the card of the model this recipe makes (print its table from the
+# reports above with scripts/adherence_table.py and update the card if they differ)
+pixsigma ship --vae "$RUN/vae_dec" --transformer "$FINAL" --model-card pixsigma/assets/default_model/MODEL_CARD.md

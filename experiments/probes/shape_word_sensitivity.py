@@ -1,6 +1,6 @@
 """How much a transformer's x0 prediction depends on the shape word of the caption.
 
-    python scripts/shape_word_sensitivity.py MODEL.safetensors
+    python experiments/probes/shape_word_sensitivity.py MODEL.safetensors
 
 32 clean single-object renders (4 shapes × 4 colors × 4 cells, size 0.35, white background)
 are encoded with the shipped VAE and noised to t; the model predicts x0 with the true caption

@@ -1,6 +1,6 @@
 """From which noise level a transformer keeps an object's shape: SDEdit on true latents.
 
-    python scripts/sdedit_shape.py [runs/toy/stage3c/model.safetensors] [-n 48]
+    python experiments/probes/sdedit_shape.py [runs/toy/stage3c/model.safetensors] [-n 48]
 
 Renders N single-object scenes (medium and large objects) with their own short captions, encodes
 them with the shipped VAE, noises each latent to the first step t <= START of the 20-step

@@ -1,6 +1,6 @@
 """How well a transformer predicts x0 at the noisy timesteps, with its caption and with none.
 
-    python scripts/x0_error.py runs/toy/stage2c/model.safetensors [--cache runs/toy/cache-64] [-n 64]
+    python experiments/probes/x0_error.py runs/toy/stage2c/model.safetensors [--cache runs/toy/cache-64] [-n 64]
 
 For N training latents and t in (999, 900, 700, 500): the MSE of the x0 the model's output implies
 (as DPM-Solver++ derives it) with the sample's own short caption and with the null caption.

@@ -1,13 +1,13 @@
 """How much of a single-object latent a caption can predict, against what the model predicts.
 
-    python scripts/x0_oracle.py [TRANSFORMER] [--cache runs/toy/cache-64] [--data runs/toy/data/data_info.json]
+    python experiments/probes/x0_oracle.py [TRANSFORMER] [--cache runs/toy/cache-64] [--data runs/toy/data/data_info.json]
                                 [--grid x0.png]
 
 For the single-object images of a toy dataset (its data_info.json, indexed like the cache): the
 MSE of the leave-one-out mean latent of the images that share the object's attributes (color and
 cell; plus shape, size, background), a nonparametric stand-in for E[x0 | what the caption says]
 (noisy where the groups are small); then the model's x0 MSE at t = 999 / 700 / 500 on 256 of
-those latents with their short and their long caption (as scripts/x0_error.py derives it).
+those latents with their short and their long caption (as experiments/probes/x0_error.py derives it).
 --grid saves what those x0 predictions look like: 2 large objects per shape (columns), the true
 image then the decoded x0 at t = 999 / 700 / 500 / 300 with the long caption (rows).
 """
