@@ -83,7 +83,6 @@ def add_train_vae(sub) -> None:
 # generate / info
 # ---------------------------------------------------------------------------------------------
 
-GENERATE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _generate_prompts(args) -> list[str]:
@@ -137,9 +136,10 @@ def _load_generate_pipeline(model, device, dtype):
 
 
 def cmd_generate(args) -> int:
-    """Generate the PNGs; image k of a prompt gets seed S + k through its own generator, so it is
-    the image `--seed S+k` alone gives. Sampler, steps, guidance, -n and dtype are checked by the
-    pipeline (a bad value fails there before any image is written)."""
+    """Generate the PNGs: image k of a prompt gets seed S + k. Each image is its own pipeline call:
+    a batched row can differ from the single call in the last float bits (matmul blocking depends
+    on the batch size), enough to flip an 8-bit pixel, and the seed a PNG records must reproduce
+    it exactly. Sampler, steps, guidance and dtype are checked by the pipeline."""
     import random
 
     import torch
@@ -149,6 +149,8 @@ def cmd_generate(args) -> int:
     from pixsigma.resolution import parse_ratio, parse_size, size_for_ratio
 
     prompts = _generate_prompts(args)
+    if args.num < 1:
+        raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
     if args.size and args.ar:
         raise PixsigmaError("give either --size WxH or --ar H:W, not both")
     height, width = parse_size(args.size) if args.size else (None, None)
@@ -168,24 +170,22 @@ def cmd_generate(args) -> int:
         pipe.enable_compile()
     if ratio is not None:
         height, width = size_for_ratio(ratio, pipe.resolution)
-    for i, prompt in enumerate(prompts):
-        first = i * args.num
-        gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(args.num)]
+    for index, path in enumerate(paths):
+        prompt = prompts[index // args.num]
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                   height=height, width=width, num_images_per_prompt=args.num, generator=gens, sampler=args.sampler,
-                   output_type="pil", progress=True, guidance_interval=args.guidance_interval)
-        info = out.info
-        for k, image in enumerate(out.images):
-            params = {
-                "prompt": prompt, "negative": args.negative, "seed": seed + first + k, "steps": info["steps"],
-                "cfg": args.cfg, "sampler": info["sampler"], "size": f"{image.width}x{image.height}",
-                "generated_size": f"{info['generated_width']}x{info['generated_height']}",
-                "model": pipe.name, "model_hash": pipe.weights_hash(), "dtype": args.dtype, "pixsigma": pixsigma.__version__,
-            }
-            if "guidance_interval" in info:
-                params["guidance_interval"] = ",".join(f"{t:g}" for t in info["guidance_interval"])
-            path = save_png(image, paths[first + k], params, overwrite=args.overwrite)
-            log.info("wrote %s (seed %d, %dx%d)", path, params["seed"], image.width, image.height)
+                   height=height, width=width, generator=torch.Generator("cpu").manual_seed(seed + index),
+                   sampler=args.sampler, output_type="pil", progress=True, guidance_interval=args.guidance_interval)
+        image, info = out.images[0], out.info
+        params = {
+            "prompt": prompt, "negative": args.negative, "seed": seed + index, "steps": info["steps"], "cfg": args.cfg,
+            "sampler": info["sampler"], "size": f"{image.width}x{image.height}",
+            "generated_size": f"{info['generated_width']}x{info['generated_height']}",
+            "model": pipe.name, "model_hash": pipe.weights_hash(), "dtype": args.dtype, "pixsigma": pixsigma.__version__,
+        }
+        if "guidance_interval" in info:
+            params["guidance_interval"] = ",".join(f"{t:g}" for t in info["guidance_interval"])
+        save_png(image, path, params, overwrite=args.overwrite)
+        log.info("wrote %s (seed %d, %dx%d)", path, seed + index, image.width, image.height)
     return 0
 
 

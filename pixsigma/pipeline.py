@@ -17,7 +17,6 @@ model's resolution and resized + center-cropped to the exact size asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixsigma.diffusion.samplers import default_steps, resolve_sampler, sample
+from pixsigma.diffusion.samplers import default_steps, randn, resolve_sampler, sample
 from pixsigma.errors import PixsigmaError
+from pixsigma.io import as_dtype, weights_hash
 from pixsigma.resolution import check_side, parse_prompt_options, plan_size, resize_and_crop, size_for_ratio
-from pixsigma.text import TextEncoder, as_dtype, minilm_path
+from pixsigma.text import TextEncoder, minilm_path
 from pixsigma.vae import VAE
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,17 @@ def guided_model_fn(transformer, context, guidance_scale: float | None, channels
     return model_fn
 
 
+def check_guidance_scale(scale) -> float:
+    """The classifier-free guidance scale as a float; a clear error unless it is a finite number >= 0."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise PixsigmaError(f"guidance scale {scale!r} is not a number") from None
+    if not np.isfinite(scale) or scale < 0:
+        raise PixsigmaError(f"guidance scale {scale} must be a finite number >= 0")
+    return scale
+
+
 def check_guidance_interval(interval) -> tuple[float, float] | None:
     """(t_min, t_max) as floats from a pair or a "T_MIN,T_MAX" string (the CLI's), or None; a
     clear error for anything else."""
@@ -99,12 +110,11 @@ def compile_transformer(transformer):
     """The transformer under torch.compile (inductor) for inference.
 
     Inductor fuses the elementwise work between the matmuls (adaLN modulation, GELU, gates, the
-    fp32-residual casts), about a quarter of a CPU forward, and with `freezing` treats the
-    weights as constants so the matmuls get pre-packed layouts. Measured on CPU in bf16 with KV
-    compression: -7% per XL_2 step at 1024px, where attention dominates, and -19% on a slice of
-    blocks at the same size (benchmarks/generate_1024.py, README). It compiles on the first call
-    (33 s for XL_2 at 1024px) and again for each new latent size; the weights are read at compile
-    time, so weights changed afterwards need a new compile. Needs a C++ compiler on CPU.
+    fp32-residual casts), a sizeable part of a CPU forward, and with `freezing` treats the
+    weights as constants so the matmuls get pre-packed layouts (benchmarks/generate_1024.py
+    measures the gain). It compiles on the first call and again for each new latent size; the
+    weights are read at compile time, so weights changed afterwards need a new compile. Needs a
+    C++ compiler on CPU.
     """
     return torch.compile(transformer, dynamic=False, options={"freezing": True})
 
@@ -124,6 +134,68 @@ def _load_transformer_from(path: Path, dtype, overrides: dict | None = None):
             raise PixsigmaError(f"{path}: expected a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors) "
                                 "or exactly one .safetensors/.pth file")
     return load_transformer(path, dtype=dtype, **(overrides or {}))
+
+
+def _check_layout(folder: Path, transformer) -> bool:
+    """Check that `folder` holds a pipeline (vae/, transformer/ unless one is given, text_encoder/
+    beside a tokenizer/); whether it has its own text encoder."""
+    if not folder.is_dir():
+        raise PixsigmaError(f"{folder}: model folder does not exist; expected a pipeline folder with {LAYOUT}")
+    missing = [n for n in ("vae",) if not (folder / n).is_dir()]
+    if transformer is None and not (folder / "transformer").is_dir():
+        missing.append("transformer")
+    has_text = (folder / "text_encoder").is_dir()
+    if not has_text and (folder / "tokenizer").is_dir():
+        missing.append("text_encoder")
+    if missing:
+        raise PixsigmaError(f"{folder}: missing {', '.join(m + '/' for m in missing)}; expected a pipeline folder with {LAYOUT}")
+    return has_text
+
+
+def _load_model(folder: Path, transformer, device, dtype, overrides: dict | None):
+    """The transformer (a given module, a given path, else the folder's) on device in dtype, and
+    the pipeline's name (the folder's, or the checkpoint file's stem)."""
+    from pixsigma.model.transformer import PixArtSigmaTransformer
+
+    if isinstance(transformer, PixArtSigmaTransformer):
+        return transformer.to(device=device, dtype=dtype).eval(), folder.name
+    src = Path(transformer) if transformer is not None else folder / "transformer"
+    model = _load_transformer_from(src, dtype, overrides).to(device)
+    return model, src.stem if transformer is not None else folder.name
+
+
+def _load_text_encoder(folder: Path, has_text: bool, model, device, dtype, clean: bool, lowercase: bool, cache_dir,
+                       max_length: int | None) -> TextEncoder:
+    """The folder's text encoder (else the packaged MiniLM), captions padded to `max_length` (default
+    the transformer's caption tokens, capped at what the encoder supports)."""
+    if has_text:
+        enc_path = folder / "text_encoder"
+        tok_path = folder / "tokenizer" if (folder / "tokenizer").is_dir() else enc_path
+    else:
+        enc_path = tok_path = minilm_path()
+        log.info("%s has no text_encoder/: using the packaged MiniLM text encoder (%s)", folder, enc_path)
+    max_len = max_length or model.config.max_caption_tokens
+    text = TextEncoder(enc_path, tok_path, max_length=None, dtype=dtype, device=device, clean=clean,
+                       lowercase=lowercase, cache_dir=cache_dir)
+    limit = text._token_limit()
+    if limit is not None and max_len > limit:
+        log.warning("caption length %d exceeds the text encoder's %d positions: using %d", max_len, limit, limit)
+        max_len = limit
+    text.max_length = max_len
+    if model.config.caption_channels != text.hidden_size and not has_text:
+        raise PixsigmaError(
+            f"the transformer expects {model.config.caption_channels} caption channels but the packaged MiniLM text encoder "
+            f"(used as {folder.name}/ has no text_encoder/) gives {text.hidden_size}; expected a transformer trained on "
+            "MiniLM captions, or a pipeline folder whose text_encoder/ matches the transformer"
+        )
+    return text
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PixsigmaError(f"{path}: not valid JSON ({e})") from None
 
 
 class SigmaPipeline:
@@ -164,11 +236,16 @@ class SigmaPipeline:
     def from_pretrained(cls, folder=None, transformer=None, **kwargs):
         """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model
         (see `_from_folder` for the options)."""
+        for key in ("dtype", "text_dtype", "vae_dtype"):  # bad arguments are the caller's, not the model's
+            if kwargs.get(key) is not None:
+                kwargs[key] = as_dtype(kwargs[key])
         if folder is not None:
             return cls._from_folder(folder, transformer, **kwargs)
         try:
             pipe = cls._from_folder(DEFAULT_MODEL_DIR, transformer, **kwargs)
         except PixsigmaError as e:
+            if str(DEFAULT_MODEL_DIR) not in str(e):  # about a given transformer, not the shipped files
+                raise
             raise PixsigmaError(
                 f"{e} -- the shipped default model is missing or damaged; restore it with "
                 "`git checkout -- pixsigma/assets/default_model` (or reinstall pixsigma), or rebuild it with "
@@ -188,66 +265,22 @@ class SigmaPipeline:
         unless dtype is bf16. transformer_overrides: what an official .pth cannot tell
         (sample_size, pe_interpolation, num_heads), passed to `load_transformer`.
         """
-        from pixsigma.model.transformer import PixArtSigmaTransformer
-
         dtype = as_dtype(dtype)
         folder = Path(folder)
-        if not folder.is_dir():
-            raise PixsigmaError(f"{folder}: model folder does not exist; expected a pipeline folder with {LAYOUT}")
-        missing = [n for n in ("vae",) if not (folder / n).is_dir()]
-        if transformer is None and not (folder / "transformer").is_dir():
-            missing.append("transformer")
-        has_text = (folder / "text_encoder").is_dir()
-        if not has_text and (folder / "tokenizer").is_dir():
-            missing.append("text_encoder")
-        if missing:
-            raise PixsigmaError(f"{folder}: missing {', '.join(m + '/' for m in missing)}; expected a pipeline folder with {LAYOUT}")
+        has_text = _check_layout(folder, transformer)
         device = torch.device(device)
-
-        if isinstance(transformer, PixArtSigmaTransformer):
-            model = transformer.to(device=device, dtype=dtype).eval()
-            name = folder.name
-        else:
-            src = Path(transformer) if transformer is not None else folder / "transformer"
-            model = _load_transformer_from(src, dtype, transformer_overrides).to(device)
-            name = src.stem if transformer is not None else folder.name
-
-        text_dtype = as_dtype(text_dtype) if text_dtype is not None else (torch.bfloat16 if dtype == torch.float16 else dtype)
-        if has_text:
-            enc_path = folder / "text_encoder"
-            tok_path = folder / "tokenizer" if (folder / "tokenizer").is_dir() else enc_path
-        else:
-            enc_path = tok_path = minilm_path()
-            log.info("%s has no text_encoder/: using the packaged MiniLM text encoder (%s)", folder, enc_path)
-        max_len = max_sequence_length or model.config.max_caption_tokens
-        text = TextEncoder(enc_path, tok_path, max_length=None, dtype=text_dtype, device=device, clean=clean_caption,
-                           lowercase=lowercase, cache_dir=cache_dir)
-        limit = text._token_limit()
-        if limit is not None and max_len > limit:
-            log.warning("caption length %d exceeds the text encoder's %d positions: using %d", max_len, limit, limit)
-            max_len = limit
-        text.max_length = max_len
-        if model.config.caption_channels != text.hidden_size and not has_text:
-            raise PixsigmaError(
-                f"{folder}: no text_encoder/, and the packaged MiniLM gives {text.hidden_size} channels while the transformer "
-                f"expects {model.config.caption_channels}; expected a text_encoder/ folder matching the transformer"
-            )
-        vae_dtype = as_dtype(vae_dtype) if vae_dtype is not None else (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-        vae = VAE(folder / "vae", device=device, dtype=vae_dtype)
-
-        scheduler_config = None
+        model, name = _load_model(folder, transformer, device, dtype, transformer_overrides)
+        if text_dtype is None:
+            text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        text = _load_text_encoder(folder, has_text, model, device, as_dtype(text_dtype), clean=clean_caption,
+                                  lowercase=lowercase, cache_dir=cache_dir, max_length=max_sequence_length)
+        if vae_dtype is None:
+            vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        vae = VAE(folder / "vae", device=device, dtype=as_dtype(vae_dtype))
         sched_file = folder / "scheduler" / "scheduler_config.json"
-        if sched_file.is_file():
-            try:
-                scheduler_config = json.loads(sched_file.read_text())
-            except json.JSONDecodeError as e:
-                raise PixsigmaError(f"{sched_file}: not valid JSON ({e})") from None
-        index, index_file = {}, folder / "model_index.json"
-        if index_file.is_file():
-            try:
-                index = json.loads(index_file.read_text())
-            except json.JSONDecodeError as e:
-                raise PixsigmaError(f"{index_file}: not valid JSON ({e})") from None
+        scheduler_config = _read_json(sched_file) if sched_file.is_file() else None
+        index_file = folder / "model_index.json"
+        index = _read_json(index_file) if index_file.is_file() else {}
         return cls(model, text, vae, scheduler_config, device=device, name=name,
                    null_caption_uncond=index.get("pixsigma_unconditional") == "null_caption",
                    guidance_interval=index.get("pixsigma_guidance_interval"))
@@ -272,35 +305,10 @@ class SigmaPipeline:
     def weights_hash(self) -> str:
         """A short (12 hex) SHA-256 over the transformer's weights, to tell models apart."""
         if self._hash is None:
-            h = hashlib.sha256()
-            for key, tensor in sorted(self.transformer.state_dict().items()):
-                h.update(key.encode())
-                t = tensor.detach().cpu().contiguous()
-                h.update(str(t.dtype).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._hash = h.hexdigest()[:12]
+            self._hash = weights_hash(self.transformer.state_dict())
         return self._hash
 
     # -- generation ------------------------------------------------------------------------------
-    def _request_size(self, height, width, options: dict) -> tuple[int, int]:
-        if height is not None or width is not None:
-            res = self.resolution
-            return check_side(height if height is not None else res, "height"), check_side(width if width is not None else res, "width")
-        if "hw" in options:
-            return options["hw"]
-        if "ar" in options:
-            return size_for_ratio(options["ar"], self.resolution)
-        return self.resolution, self.resolution
-
-    def _noise(self, shape, generator, count: int) -> torch.Tensor:
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != count:
-                raise PixsigmaError(f"{len(generator)} generators for {count} images; expected one per image")
-            noise = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(self.device) for g in generator]
-            return torch.cat(noise)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
-
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", num_inference_steps: int | None = None, guidance_scale: float = 4.5,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1, generator=None,
@@ -311,107 +319,173 @@ class SigmaPipeline:
         """Generate images. prompt: str or list (may be ""; inline "--ar h:w" / "--hw h:w" honored);
         negative_prompt: str or list (the unconditional branch); num_inference_steps: default
         per sampler (dpm-solver 20, sa-solver 25, iddpm 100); generator: a torch.Generator, or a
-        list with one per image; seed: shortcut for a CPU generator; latents: initial standard
-        normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt | latent;
-        guidance_interval: (t_min, t_max), guide only at timesteps in that range (0..999), run
-        the conditional pass alone elsewhere; None: the pipeline's default (every step unless
+        list with one per image (image k of the batch is then exactly the single-image call with
+        generator k, for every sampler); seed: shortcut for a CPU generator; latents: initial
+        standard normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt |
+        latent; guidance_interval: (t_min, t_max), guide only at timesteps in that range (0..999),
+        run the conditional pass alone elsewhere; None: the pipeline's default (every step unless
         the model folder names an interval); (0, 999) guides every step."""
+        req = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                                 num_images_per_prompt, sampler, output_type, use_resolution_binning,
+                                 max_sequence_length, guidance_interval)
+        if seed is not None and generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = self._prepare_latents(req, latents, generator)
         timings = {}
+        t0 = time.perf_counter()
+        context = self._encode_prompts(req)
+        timings["text"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = self._denoise(req, context, noise, generator, callback, progress)
+        timings["denoise"] = time.perf_counter() - t0
+        if output_type == "latent":
+            return SigmaOutput(images=x, info=req.info(), timings=timings)
+        t0 = time.perf_counter()
+        images = self._decode(req, x)
+        timings["decode"] = time.perf_counter() - t0
+        return SigmaOutput(images=_to_output(images, output_type), info=req.info(), timings=timings)
+
+    def _check_inputs(self, prompt, negative_prompt, steps, guidance_scale, height, width, num_images_per_prompt,
+                      sampler, output_type, use_resolution_binning, max_sequence_length, guidance_interval) -> "_Request":
+        """Every argument checked (a PixsigmaError naming the bad one) and the sizes planned."""
         sampler = resolve_sampler(sampler)
-        steps = int(num_inference_steps) if num_inference_steps is not None else default_steps(sampler)
+        steps = int(steps) if steps is not None else default_steps(sampler)
         if output_type not in OUTPUT_TYPES:
             raise PixsigmaError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PixsigmaError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        try:
-            guidance_scale = float(guidance_scale)
-        except (TypeError, ValueError):
-            raise PixsigmaError(f"guidance scale {guidance_scale!r} is not a number") from None
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise PixsigmaError(f"guidance scale {guidance_scale} must be a finite number >= 0")
-        guidance_interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else self.guidance_interval
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise PixsigmaError("prompt must be a string or a non-empty list of strings")
-        parsed = [parse_prompt_options(p) for p in prompts]
-        prompts = [p for p, _ in parsed]
-        options = [o for _, o in parsed]
-        if any(o != options[0] for o in options):
-            raise PixsigmaError("prompts of one call ask for different sizes (--ar/--hw); expected one size per call")
+        guidance_scale = check_guidance_scale(guidance_scale)
+        interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else self.guidance_interval
+        prompts, options = _parse_prompts(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise PixsigmaError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; expected one string or one per prompt")
-
-        req_h, req_w = self._request_size(height, width, options[0])
+        req_h, req_w = self._request_size(height, width, options)
         gen_h, gen_w = plan_size(req_h, req_w, self.resolution, self.patch_pixels, use_resolution_binning)
         f, c = self.vae.factor, self.transformer.config.in_channels
         n = len(prompts) * num_images_per_prompt
-        shape = (n, c, gen_h // f, gen_w // f)
+        log.debug("generating %d image(s) at %dx%d (requested %dx%d)", n, gen_w, gen_h, req_w, req_h)
+        return _Request(prompts=prompts, negatives=negatives, per_prompt=num_images_per_prompt, sampler=sampler,
+                        steps=steps, guidance_scale=guidance_scale, guidance_interval=interval,
+                        max_length=max_sequence_length or self.text_encoder.max_length,
+                        height=req_h, width=req_w, generated_height=gen_h, generated_width=gen_w,
+                        latent_shape=(n, c, gen_h // f, gen_w // f))
+
+    def _request_size(self, height, width, options: dict) -> tuple[int, int]:
+        if height is not None or width is not None:
+            res = self.resolution
+            return check_side(height if height is not None else res, "height"), check_side(width if width is not None else res, "width")
+        if "hw" in options:
+            return options["hw"]
+        if "ar" in options:
+            return size_for_ratio(options["ar"], self.resolution)
+        return self.resolution, self.resolution
+
+    def _prepare_latents(self, req: "_Request", latents, generator) -> torch.Tensor:
+        """The initial standard-normal latents: `latents` as given (shape checked), else drawn from
+        `generator` (one per image for a list; see diffusion.samplers.randn)."""
+        shape = req.latent_shape
         if latents is not None:
             if tuple(latents.shape) != shape:
-                raise PixsigmaError(f"latents of shape {tuple(latents.shape)}; expected {shape} for {gen_h}x{gen_w} pixels")
-            noise = latents.to(self.device, torch.float32)
-        else:
-            if seed is not None and generator is None:
-                generator = torch.Generator("cpu").manual_seed(int(seed))
-            noise = self._noise(shape, generator, n)
-        log.debug("generating %d image(s) at %dx%d (requested %dx%d)", n, gen_w, gen_h, req_w, req_h)
+                raise PixsigmaError(f"latents of shape {tuple(latents.shape)}; expected {shape} for "
+                                    f"{req.generated_height}x{req.generated_width} pixels")
+            return latents.to(self.device, torch.float32)
+        return randn(shape, generator, device=self.device, draw_device="cpu")
 
-        # 1. text
-        t0 = time.perf_counter()
-        max_len = max_sequence_length or self.text_encoder.max_length
-        emb, mask = self.text_encoder.encode(prompts, max_len)
-        cfg = guidance_scale > 1.0
-        if cfg:
-            neg_emb, neg_mask = self.text_encoder.encode(negatives, max_len)
+    def _encode_prompts(self, req: "_Request"):
+        """The caption context: prompt embeddings, with guidance preceded by the unconditional ones
+        ([uncond; cond]), each repeated per image, projected once by the transformer."""
+        emb, mask = self.text_encoder.encode(req.prompts, req.max_length)
+        if req.guided:
+            neg_emb, neg_mask = self.text_encoder.encode(req.negatives, req.max_length)
             if self.null_caption_uncond:
                 # The official sampler's unconditional branch: the null caption the model was
                 # trained to read as "no caption" (with the prompt's mask), for empty negatives.
-                null = self.transformer.y_embedder.y_embedding[:max_len].to(neg_emb.device, neg_emb.dtype)
-                empty = torch.tensor([n == "" for n in negatives], device=neg_emb.device)
+                null = self.transformer.y_embedder.y_embedding[:req.max_length].to(neg_emb.device, neg_emb.dtype)
+                empty = torch.tensor([n == "" for n in req.negatives], device=neg_emb.device)
                 neg_emb = torch.where(empty[:, None, None], null[None], neg_emb)
                 neg_mask = torch.where(empty[:, None], mask, neg_mask)
             emb, mask = torch.cat([neg_emb, emb]), torch.cat([neg_mask, mask])
-        if num_images_per_prompt > 1:
-            emb = emb.repeat_interleave(num_images_per_prompt, dim=0)
-            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if req.per_prompt > 1:
+            emb = emb.repeat_interleave(req.per_prompt, dim=0)
+            mask = mask.repeat_interleave(req.per_prompt, dim=0)
         wdtype = self.transformer.x_embedder.proj.weight.dtype
-        context = self.transformer.prepare_caption(emb.to(self.device, wdtype), mask.to(self.device))
-        timings["text"] = time.perf_counter() - t0
+        return self.transformer.prepare_caption(emb.to(self.device, wdtype), mask.to(self.device))
 
-        # 2. denoise
+    def _denoise(self, req: "_Request", context, noise, generator, callback, progress) -> torch.Tensor:
+        """The sampler run from `noise` with the guided denoiser; clean latents."""
         denoiser = self._compiled if self._compiled is not None else self.transformer
-        model_fn = guided_model_fn(denoiser, context, guidance_scale if cfg else None, c, guidance_interval)
-        t0 = time.perf_counter()
+        model_fn = guided_model_fn(denoiser, context, req.guidance_scale if req.guided else None,
+                                   noise.shape[1], req.guidance_interval)
         try:
-            x = sample(model_fn, noise, sampler=sampler, steps=steps,
-                       generator=generator if not isinstance(generator, (list, tuple)) else generator[0],
-                       callback=callback, scheduler_config=self.scheduler_config, progress=progress,
-                       prediction_type=self.prediction_type)
+            return sample(model_fn, noise, sampler=req.sampler, steps=req.steps, generator=generator, callback=callback,
+                          scheduler_config=self.scheduler_config, progress=progress, prediction_type=self.prediction_type)
         except torch._dynamo.exc.TorchDynamoException as e:
             first = " ".join(str(e).split())[:160]
             raise PixsigmaError(f"torch.compile could not compile the transformer ({type(e).__name__}: {first}); "
                                 "expected a working C++ compiler (g++/clang) for inductor on CPU, or run without compile") from None
-        timings["denoise"] = time.perf_counter() - t0
-        info = {"height": req_h, "width": req_w, "generated_height": gen_h, "generated_width": gen_w, "steps": steps,
-                "sampler": sampler, "guidance_scale": guidance_scale, "prompts": prompts, "negative_prompts": negatives}
-        if guidance_interval is not None:
-            info["guidance_interval"] = list(guidance_interval)
-        if output_type == "latent":
-            return SigmaOutput(images=x, info=info, timings=timings)
 
-        # 3. decode
-        t0 = time.perf_counter()
+    def _decode(self, req: "_Request", x: torch.Tensor) -> torch.Tensor:
+        """Latents to (B, 3, H, W) images in [0, 1] at the requested size (resized and center-cropped
+        from the generated size when they differ)."""
         images = self.vae.decode(x)
-        if images.shape[-2:] != (req_h, req_w):
-            images = resize_and_crop(images, req_h, req_w).clamp_(0, 1)
-        timings["decode"] = time.perf_counter() - t0
-        if output_type == "pt":
-            return SigmaOutput(images=images, info=info, timings=timings)
-        arr = images.permute(0, 2, 3, 1).cpu().float().numpy()
-        if output_type == "np":
-            return SigmaOutput(images=arr, info=info, timings=timings)
-        from PIL import Image
+        if images.shape[-2:] != (req.height, req.width):
+            images = resize_and_crop(images, req.height, req.width).clamp_(0, 1)
+        return images
 
-        pil = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-        return SigmaOutput(images=pil, info=info, timings=timings)
+
+@dataclass
+class _Request:
+    """One call's checked arguments and planned sizes."""
+
+    prompts: list[str]
+    negatives: list[str]
+    per_prompt: int
+    sampler: str
+    steps: int
+    guidance_scale: float
+    guidance_interval: tuple[float, float] | None
+    max_length: int
+    height: int
+    width: int
+    generated_height: int
+    generated_width: int
+    latent_shape: tuple[int, int, int, int]
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def info(self) -> dict:
+        info = {"height": self.height, "width": self.width, "generated_height": self.generated_height,
+                "generated_width": self.generated_width, "steps": self.steps, "sampler": self.sampler,
+                "guidance_scale": self.guidance_scale, "prompts": self.prompts, "negative_prompts": self.negatives}
+        if self.guidance_interval is not None:
+            info["guidance_interval"] = list(self.guidance_interval)
+        return info
+
+
+def _parse_prompts(prompt) -> tuple[list[str], dict]:
+    """Prompts as a list with their inline size options ("--ar", "--hw") taken out; the options
+    must agree (one size per call)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PixsigmaError("prompt must be a string or a non-empty list of strings")
+    parsed = [parse_prompt_options(p) for p in prompts]
+    options = [o for _, o in parsed]
+    if any(o != options[0] for o in options):
+        raise PixsigmaError("prompts of one call ask for different sizes (--ar/--hw); expected one size per call")
+    return [p for p, _ in parsed], options[0]
+
+
+def _to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) images in [0, 1] as output_type: the tensor ("pt"), (B, H, W, 3) float numpy
+    ("np") or PIL images rounded to 8 bits ("pil")."""
+    if output_type == "pt":
+        return images
+    arr = images.permute(0, 2, 3, 1).cpu().float().numpy()
+    if output_type == "np":
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,16 @@ import pytest
 import torch
 
 from pixsigma import cli
-from pixsigma.diffusion.iddpm import IDDPMSchedule, linear_betas
-from pixsigma.diffusion.samplers import SAMPLERS, make_scheduler, sample
+from pixsigma.diffusion.gaussian import linear_betas
+from pixsigma.diffusion.iddpm import IDDPMSchedule
+from pixsigma.diffusion.samplers import SAMPLERS, sample
 from pixsigma.errors import PixsigmaError
 from pixsigma.model.checkpoint import save_transformer
 from pixsigma.model.transformer import KVCompressConfig
 from pixsigma.pipeline import SigmaPipeline
 from pixsigma.resolution import aspect_ratio_bins
 from pixsigma.pngmeta import read_png_params
+from tests.test_samplers import release_scheduler
 from tests.tiny_components import build_pipeline_folder, build_transformer
 
 PROMPT = "A Photo of a red cat sitting on a wooden table"
@@ -65,10 +68,9 @@ def _both(pipe, theirs, sampler, output_type, lat, **kwargs):
 
 
 def test_parity_with_diffusers_dpm_solver_cfg(pipe, theirs, folder):
-    """Same prompt, negative prompt, initial latents: images within 1e-4 mean abs (0..1)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    theirs.scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
+    """Same prompt, negative prompt, initial latents: images within 1e-4 mean abs (0..1). diffusers'
+    scheduler is built from the release's values written out in the test, not from our config."""
+    theirs.scheduler = release_scheduler("dpm-solver")
     lat = _noise()
     ours_img, ref_img = _both(pipe, theirs, "dpm-solver", "np", lat, num_inference_steps=8)
     assert ours_img.shape == ref_img.shape == (1, 32, 32, 3)
@@ -84,7 +86,7 @@ def test_parity_with_diffusers_dpm_solver_cfg(pipe, theirs, folder):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "sa-solver"])
 def test_parity_with_diffusers_other_schedulers(pipe, theirs, sampler):
-    theirs.scheduler = make_scheduler(sampler, pipe.scheduler_config)
+    theirs.scheduler = release_scheduler(sampler)
     ours_lat, ref_lat = _both(pipe, theirs, sampler, "latent", _noise(), num_inference_steps=4)
     assert (ours_lat - ref_lat).abs().mean() <= 1e-4 * ref_lat.abs().mean()
 
@@ -102,6 +104,32 @@ def test_each_sampler_runs(pipe, sampler):
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
     assert seen == [0, 1, 2]
     assert out.info["sampler"] == sampler
+
+
+def test_each_sampler_name_runs_its_own_sampler_with_its_default_steps(pipe, monkeypatch):
+    """From the same latents and generator the five samplers give pairwise different latents, and
+    with no step count each calls the transformer its default number of times (one batched
+    guided forward per step): the release's 20 / 25 / 100 and 50 / 30 for DDIM / Euler."""
+    defaults = {"dpm-solver": 20, "sa-solver": 25, "ddim": 50, "euler": 30, "iddpm": 100}
+    assert set(defaults) == set(SAMPLERS)
+    lat = _noise(2)
+    outs = {}
+    for sampler in defaults:
+        outs[sampler] = pipe("a cat", sampler=sampler, num_inference_steps=3, latents=lat, output_type="latent",
+                             generator=torch.Generator().manual_seed(0)).images
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            scale = outs[a].abs().mean()
+            assert (outs[a] - outs[b]).abs().mean() > 1e-2 * scale, (a, b)
+    calls = []
+    forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k))
+    for sampler, steps in defaults.items():
+        calls.clear()
+        out = pipe("a cat", sampler=sampler, height=16, width=16, use_resolution_binning=False, seed=0,
+                   output_type="latent")
+        assert calls == [2] * steps and out.info["steps"] == steps, sampler
 
 
 def test_unknown_sampler_lists_choices(pipe):
@@ -212,8 +240,6 @@ def test_guidance_interval_guides_only_inside_it(pipe, folder, tmp_path, monkeyp
     with pytest.raises(PixsigmaError, match="guidance interval"):
         pipe("a red cat", guidance_interval=(600, 300), **kw)
     # a model folder may name its default interval; a call can still ask for every step
-    import shutil
-
     copy = tmp_path / "gi"
     shutil.copytree(folder, copy)
     index = json.loads((copy / "model_index.json").read_text())
@@ -226,14 +252,42 @@ def test_guidance_interval_guides_only_inside_it(pipe, folder, tmp_path, monkeyp
     res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(out), "--steps", "2", "--guidance-interval", "500,999")
     assert res.returncode == 0, res.stderr[-2000:]
     assert read_png_params(out)["guidance_interval"] == "500,999"
-    res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(out), "--guidance-interval", "500")
+    res = _cli("generate", "a red cat", "--model", str(folder), "-o", str(tmp_path / "gi2.png"), "--guidance-interval", "500")
     assert res.returncode == 2 and "T_MIN,T_MAX" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "gi2.png").exists()
 
 
-def test_negative_prompt_and_empty_prompt(pipe):
-    base = pipe("a red cat", seed=0, num_inference_steps=3, output_type="latent").images
-    neg = pipe("a red cat", negative_prompt="a blue house", seed=0, num_inference_steps=3, output_type="latent").images
-    assert not torch.allclose(base, neg)
+ACP_999 = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[999])  # ᾱ at t = 999, float64
+
+
+def _one_step_reference(pipe, latents, cond, uncond, scale=4.5, prediction="epsilon"):
+    """What one DPM-Solver++ step (t = 999 to the end: the step returns its x0 prediction) must
+    give, built by hand: two separate transformer calls, one per caption (embedding, mask), the
+    guided output uncond + scale·(cond − uncond), and x0 from it in float64."""
+    tr = pipe.transformer
+    t = torch.tensor([999])
+    outs = [tr(latents, t, tr.prepare_caption(emb, mask))[:, :4].double() for emb, mask in (uncond, cond)]
+    pred = outs[0] + scale * (outs[1] - outs[0])
+    x, a, s = latents.double(), ACP_999 ** 0.5, (1 - ACP_999) ** 0.5
+    return (x - s * pred) / a if prediction == "epsilon" else a * x - s * pred
+
+
+def _close(got, ref, rel=1e-5):
+    return (got.double() - ref).abs().max() <= rel * ref.abs().max()
+
+
+def test_negative_prompt_is_the_unconditional_branch(pipe):
+    """One step with a negative prompt equals the hand-built guidance whose unconditional call
+    reads the negative prompt's embedding (and not the empty prompt's)."""
+    lat, te = _noise(3), pipe.text_encoder
+    kw = dict(latents=lat, num_inference_steps=1, output_type="latent", sampler="dpm-solver")
+    got = pipe("a red cat", negative_prompt="a blue house", **kw).images
+    cond = te.encode(["a red cat"], te.max_length)
+    ref = _one_step_reference(pipe, lat, cond, te.encode(["a blue house"], te.max_length))
+    assert _close(got, ref)
+    empty_ref = _one_step_reference(pipe, lat, cond, te.encode([""], te.max_length))
+    assert not _close(got, empty_ref, rel=1e-2)
+    assert _close(pipe("a red cat", **kw).images, empty_ref)  # the default negative prompt is ""
     empty = pipe("", seed=0, num_inference_steps=3, output_type="pil").images
     assert empty[0].size == (32, 32)
 
@@ -310,6 +364,7 @@ def test_default_model_without_text_encoder_uses_minilm(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_4096_generation_completes(tmp_path):
     """4096² with a factor-8 VAE: a 512² latent, 65,536 tokens at patch 2, KV compression in
     one of two layers, tiled VAE decoding (25 tiles of 1024² px). ~26 s on one thread."""
@@ -381,7 +436,8 @@ def test_cli_prompts_file_numbering_and_overwrite(folder, tmp_path, capsys):
 
 
 def test_null_caption_unconditional_branch(folder):
-    """The official sampler's unconditional branch: the null caption with the prompt's mask."""
+    """The official sampler's unconditional branch: the null caption with the prompt's mask, checked
+    against a hand-built guided step whose unconditional call reads y_embedding directly."""
     pipe = SigmaPipeline.from_pretrained(folder)
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     base = pipe("a red cat", num_inference_steps=3, latents=latents, output_type="latent", use_resolution_binning=False,
@@ -390,12 +446,20 @@ def test_null_caption_unconditional_branch(folder):
     null = pipe("a red cat", num_inference_steps=3, latents=latents, output_type="latent", use_resolution_binning=False,
                 height=64, width=64).images
     assert not torch.allclose(base, null)
+    te = pipe.text_encoder
+    emb, mask = te.encode(["a red cat"], te.max_length)
+    y_null = pipe.transformer.y_embedder.y_embedding[:te.max_length][None].detach()
+    one = pipe("a red cat", num_inference_steps=1, latents=latents, output_type="latent", use_resolution_binning=False,
+               height=64, width=64).images
+    assert _close(one, _one_step_reference(pipe, latents, (emb, mask), (y_null, mask)))
     # a non-empty negative prompt is used as is, whatever the setting
     neg = [pipe("a red cat", negative_prompt="blue", num_inference_steps=3, latents=latents, output_type="latent",
                 use_resolution_binning=False, height=64, width=64).images for pipe.null_caption_uncond in (False, True)]
     assert torch.equal(neg[0], neg[1])
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "g++", "c++")),
+                    reason="torch.compile (inductor) needs a C++ compiler on CPU: none of cc, g++, c++ is on PATH")
 def test_compiled_transformer_matches_eager(folder):
     """enable_compile (torch.compile, inductor with frozen weights) leaves the images unchanged
     (fp32, float tolerance) on a model with KV compression, and runs the compiled module."""
@@ -472,3 +536,108 @@ def test_pipeline_samples_with_the_transformers_prediction_type(folder, tmp_path
     assert v_pipe.transformer.config.prediction_type == "v_prediction" and v_pipe.prediction_type == "v_prediction"
     v_img = v_pipe("a red cat", height=32, width=32, num_inference_steps=3, output_type="latent", latents=_noise(0)).images
     assert torch.isfinite(v_img).all() and not torch.allclose(v_img, eps_img, atol=1e-3)
+    # one step by hand: x0 = sqrt(ᾱ)·x − sqrt(1 − ᾱ)·v̂ with the guided v̂ of two explicit calls
+    te, lat = v_pipe.text_encoder, _noise(1)
+    got = v_pipe("a red cat", num_inference_steps=1, output_type="latent", latents=lat).images
+    cond, uncond = te.encode(["a red cat"], te.max_length), te.encode([""], te.max_length)
+    assert _close(got, _one_step_reference(v_pipe, lat, cond, uncond, prediction="v_prediction"))
+    assert not _close(got, _one_step_reference(v_pipe, lat, cond, uncond), rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI flags: --ar, --dtype, a transformer-only --model, Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_aspect_ratio_flag(folder, tmp_path, capsys):
+    """--ar H:W (official syntax: 1:2 is landscape) gives the ratio's bin of the 32 px model; with
+    --size it is refused, and a malformed ratio is one line, exit 2."""
+    out = tmp_path / "ar.png"
+    assert cli.main(["generate", "a cat", "--model", str(folder), "-o", str(out), "--steps", "1", "--ar", "1:2"]) == 0
+    params = read_png_params(out)
+    w, h = (int(v) for v in params["size"].split("x"))
+    gw, gh = (int(v) for v in params["generated_size"].split("x"))
+    assert h / w == pytest.approx(0.5, rel=0.05) and h * w == pytest.approx(32 * 32, rel=0.1)
+    assert (gh, gw) in aspect_ratio_bins(32, 4).values() and gh < gw  # the nearest bin of the tiny model
+    capsys.readouterr()
+    for extra in (["--ar", "1:2", "--size", "32x32"], ["--ar", "wide"], ["--ar", "0:1"], ["-n", "0"]):
+        assert cli.main(["generate", "a cat", "--model", str(folder), "-o", str(tmp_path / "bad.png"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.parametrize("dtype,weights,text", [("bf16", torch.bfloat16, torch.bfloat16),
+                                                ("fp16", torch.float16, torch.bfloat16)])
+def test_cli_dtype_flag_runs_the_transformer_in_that_dtype(folder, tmp_path, monkeypatch, dtype, weights, text):
+    """--dtype sets the transformer's weights (the text encoder runs bf16 for fp16: T5 overflows in
+    fp16); the image is close to fp32's and records the dtype."""
+    seen = {}
+    denoise = SigmaPipeline._denoise
+
+    def spy(self, *a, **k):
+        seen["weights"] = self.transformer.x_embedder.proj.weight.dtype
+        seen["text"] = self.text_encoder.dtype
+        return denoise(self, *a, **k)
+
+    monkeypatch.setattr(SigmaPipeline, "_denoise", spy)
+    base = ["generate", "a red cat", "--model", str(folder), "--steps", "2", "--seed", "1", "--cfg", "1"]
+    assert cli.main(base + ["-o", str(tmp_path / "lo.png"), "--dtype", dtype]) == 0
+    assert seen == {"weights": weights, "text": text}
+    assert read_png_params(tmp_path / "lo.png")["dtype"] == dtype
+    assert cli.main(base + ["-o", str(tmp_path / "hi.png")]) == 0
+    assert seen["weights"] == torch.float32
+    from PIL import Image
+
+    lo, hi = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(float) for n in ("lo", "hi"))
+    assert np.abs(lo - hi).mean() < 0.1 * 255
+    assert cli.main(base + ["-o", str(tmp_path / "bad.png"), "--dtype", "fp8"]) == 2
+
+
+@pytest.mark.skipif(not (Path(cli.__file__).parent / "assets" / "default_model" / "transformer").is_dir(),
+                    reason="no shipped default model in this checkout")
+def test_cli_transformer_only_model_uses_the_shipped_text_encoder_and_vae(folder, tmp_path, capsys):
+    """--model naming a transformer file alone: text encoder and VAE come from the shipped model, so
+    the shipped model's own weights under another name give the shipped model's image."""
+    from PIL import Image
+
+    from pixsigma.pipeline import default_model_dir
+
+    weights = tmp_path / "mine.safetensors"
+    shutil.copy(default_model_dir() / "transformer" / "model.safetensors", weights)
+    base = ["generate", "a red circle at the top left", "--steps", "2", "--seed", "4"]
+    assert cli.main(base + ["-o", str(tmp_path / "default.png")]) == 0
+    assert cli.main(base + ["--model", str(weights), "-o", str(tmp_path / "mine.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("default", "mine"))
+    assert np.array_equal(a, b)
+    hashes = [read_png_params(tmp_path / f"{n}.png")["model_hash"] for n in ("default", "mine")]
+    assert hashes[0] == hashes[1]
+    # a transformer made for another text encoder: one line naming the mismatch, not "damaged"
+    save_transformer(build_transformer(), tmp_path / "tiny.safetensors")
+    capsys.readouterr()
+    assert cli.main(base + ["--model", str(tmp_path / "tiny.safetensors"), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "caption channels" in err and "damaged" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_ctrl_c_exits_130_and_leaves_no_partial_file(folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second prompt's denoising: exit 130, the first prompt's images complete,
+    nothing (not even a temporary file) for the second."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue house\n")
+    calls = []
+    denoise = SigmaPipeline._denoise
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the second prompt's first image
+            raise KeyboardInterrupt
+        return denoise(self, *a, **k)
+
+    monkeypatch.setattr(SigmaPipeline, "_denoise", interrupted)
+    out = tmp_path / "run" / "img.png"
+    code = cli.main(["generate", "--prompts-file", str(prompts), "--model", str(folder), "-o", str(out), "-n", "2",
+                     "--steps", "1"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["img-000.png", "img-001.png"]
+    assert all(read_png_params(out.parent / n)["prompt"] == "a red cat" for n in ("img-000.png", "img-001.png"))

@@ -1,5 +1,5 @@
-"""Diffusion: samplers for generation (samplers.py, iddpm.py); the training objective lives in
-gaussian.py (imported on its own, not here)."""
+"""Diffusion: samplers for generation (samplers.py, iddpm.py) and the training objective with the
+one noise schedule (gaussian.py, imported by its users as pixsigma.diffusion.gaussian)."""
 
 from pixsigma.diffusion.samplers import SAMPLERS, default_steps, make_scheduler, resolve_sampler, sample
 

@@ -1,8 +1,8 @@
 """The IDDPM training objective PixArt-Σ is trained with (independent of the sampling code).
 
-Schedule: `num_timesteps` (1000) linear betas from 1e-4 to 0.02 (IDDPM scales both ends by
-1000 / num_timesteps so that other step counts keep the same total noise), all constants kept
-in float64 and gathered per sample.
+Schedule: `num_timesteps` (1000) linear betas from 1e-4 to 0.02 (`linear_betas`, which the IDDPM
+sampler shares; IDDPM scales both ends by 1000 / num_timesteps so that other step counts keep
+the same total noise), all constants kept in float64 and gathered per sample.
 
 The model predicts epsilon (first half of its output channels; or, with prediction_type
 "v_prediction", v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0, the MSE target then being v) and a "learned
@@ -23,17 +23,14 @@ matters at t = 0). `w_snr` is 1, or min(SNR, γ) / SNR with min-SNR-γ weighting
 `x0_weight_cap` = c the clamped x0-space weight clamp(1 / SNR, 1, c), normalized to mean 1 over
 the timesteps. The last one is for small models learning text conditioning: under the plain ε
 loss the noisy timesteps, where the layout and colors an image gets from its caption are
-decided, contribute almost nothing (ε-MSE ≈ 5e-4 at t = 900 vs 0.07 at t = 300 on the toy
-latents), so a caption barely changes the prediction there; weighting by 1 / SNR is the
-x0-prediction error, capped so the noisiest steps do not swamp the rest.
+decided, contribute almost nothing, so a caption barely changes the prediction there; weighting
+by 1 / SNR is the x0-prediction error, capped so the noisiest steps do not swamp the rest.
 
 Training timesteps are uniform over [0, num_timesteps), or with `timestep_sampling` =
 "logit_normal" t = floor(T · sigmoid(m + s·n)), n ~ N(0, 1) (SD3's sampling density): more of the
-batch lands on the middle of the schedule, where an image's shapes are decided (on the toy model
-the x0 it predicts from a training latent is a crisp shape at t = 200 and a blob of the right
-color by t = 400-600), and less on the nearly clean and the pure-noise ends. Measured on the toy
-model (1,200 fine-tune steps each, mean 0, std 1) it read held-out single-object shape 28.6%
-against uniform's 34.2%, so the shipped recipe keeps uniform timesteps.
+batch lands on the middle of the schedule, where an image's shapes are decided, and less on the
+nearly clean and the pure-noise ends. The shipped recipe uses uniform timesteps
+(the project docs record how the two compared).
 """
 
 from __future__ import annotations
@@ -45,17 +42,32 @@ import numpy as np
 import torch
 
 from pixsigma.errors import PixsigmaError
-from pixsigma.model.transformer import PREDICTION_TYPES
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
-__all__ = ["GaussianDiffusion", "TIMESTEP_SAMPLINGS", "linear_betas", "normal_kl", "discretized_gaussian_log_likelihood"]
+__all__ = ["GaussianDiffusion", "TIMESTEP_SAMPLINGS", "check_prediction_type", "linear_betas", "normal_kl",
+           "discretized_gaussian_log_likelihood"]
 
 
-def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """IDDPM's linear schedule; exactly linspace(1e-4, 0.02, 1000) for 1000 steps."""
-    scale = 1000.0 / num_timesteps
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 rescale: bool = True) -> np.ndarray:
+    """The linear beta schedule in float64: exactly linspace(1e-4, 0.02, 1000) for 1000 steps.
+
+    rescale=True (the training objective, as IDDPM defines it): beta_start and beta_end are the
+    ends of a 1000-step schedule and are scaled by 1000 / num_timesteps, so that other step
+    counts keep the same total noise. rescale=False (a diffusers scheduler config, which the
+    samplers read): they are the ends for num_timesteps steps as given.
+    """
+    scale = 1000.0 / num_timesteps if rescale else 1.0
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def check_prediction_type(kind: str) -> str:
+    """`kind` if the diffusion supports it: "epsilon" (the model predicts the noise ε) or
+    "v_prediction" (it predicts v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x_0); a PixsigmaError otherwise."""
+    if kind == "epsilon" or kind == "v_prediction":
+        return kind
+    raise PixsigmaError(f"prediction_type {kind!r} is not supported; expected one of ('epsilon', 'v_prediction')")
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -105,8 +117,7 @@ class GaussianDiffusion:
             raise PixsigmaError(f"x0_weight_cap must be >= 1 (or unset), got {x0_weight_cap}")
         if x0_weight_cap is not None and snr_gamma is not None:
             raise PixsigmaError("snr_gamma and x0_weight_cap are two different loss weightings; set one of them")
-        if prediction_type not in PREDICTION_TYPES:
-            raise PixsigmaError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
+        check_prediction_type(prediction_type)
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise PixsigmaError(f"timestep_sampling {timestep_sampling!r} is not supported; expected one of {TIMESTEP_SAMPLINGS}")
         if not logit_std > 0:

@@ -1,10 +1,14 @@
 """The IDDPM ancestral sampler's math (respaced schedule, posterior, learned-range variance).
 
-Self-contained (float64 numpy, as the original improved-diffusion code computes its tables);
-the training objective lives elsewhere. A model with learned variance outputs, per latent
-channel, epsilon and v ∈ [-1, 1]; the sampler's log-variance is
+Tables in float64 numpy, as the original improved-diffusion code computes them; the betas come
+from the training objective's `linear_betas` (gaussian.py), the one schedule of the package. A
+model with learned variance outputs, per latent channel, epsilon and v ∈ [-1, 1]; the sampler's
+log-variance is
     frac = (v + 1) / 2
     log σ² = frac · log β_t + (1 − frac) · log σ̃²_t (posterior variance, clipped at t = 0)
+
+diffusers' DDPMScheduler(variance_type="learned_range") takes the same step, with its tables in
+float32; this sampler keeps float64 tables, so its outputs do not depend on that rounding.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pixsigma.diffusion.gaussian import linear_betas
+from pixsigma.errors import PixsigmaError
 
-def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+__all__ = ["IDDPMSchedule", "linear_betas", "space_timesteps"]
 
 
 def space_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps evenly spread over 0..T−1, both ends included (IDDPM respacing)."""
     if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+        raise PixsigmaError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
     if steps == 1:
         return [num_train_timesteps - 1]
     stride = (num_train_timesteps - 1) / (steps - 1)

@@ -2,6 +2,10 @@
 
     x0 = sample(model_fn, noise, sampler="dpm-solver", steps=20, generator=g, callback=cb)
 
+`generator` is one torch.Generator or a list with one per image: with a list, every noise draw
+a stochastic sampler makes (SA-Solver, IDDPM) is made row by row, image k from generator k
+alone, so an image's noise does not depend on the batch it is generated in.
+
 `model_fn(x, t) -> output` is the denoiser (classifier-free guidance already applied), t a
 scalar tensor timestep on the 0..999 scale. Its output holds epsilon (or v, with the schedule's
 prediction_type "v_prediction") and, for models with
@@ -20,8 +24,8 @@ import logging
 
 import torch
 
+from pixsigma.diffusion.gaussian import check_prediction_type, linear_betas
 from pixsigma.errors import PixsigmaError
-from pixsigma.model.transformer import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,7 @@ def schedule_from_config(config: dict | None, prediction_type: str | None = None
             schedule[k] = config[k]
     if prediction_type is not None:
         schedule["prediction_type"] = prediction_type
-    if schedule["prediction_type"] not in PREDICTION_TYPES:
-        raise PixsigmaError(f"prediction_type {schedule['prediction_type']!r} is not supported; expected one of {PREDICTION_TYPES}")
+    check_prediction_type(schedule["prediction_type"])
     return schedule
 
 
@@ -126,12 +129,40 @@ def _progress(iterable, enabled: bool, total: int):
     return tqdm(iterable, total=total, desc="denoising", unit="step", leave=False)
 
 
+def randn(shape, generator=None, device="cpu", draw_device=None) -> torch.Tensor:
+    """Standard normal float32 noise of `shape` on `device`.
+
+    generator: None, a torch.Generator, or a list with one per row (shape[0] of them): row k is
+    then drawn from generator k alone, as a (1, ...) draw, so it equals what a single-image call
+    with that generator draws. Noise is drawn on the generator's device (else `draw_device`, else
+    `device`) and moved to `device`.
+    """
+    device = torch.device(device)
+    generator = _check_generators(generator, shape[0])
+    if isinstance(generator, list):
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device)
+                for g in generator]
+        return torch.cat(rows)
+    draw = generator.device if generator is not None else torch.device(draw_device or device)
+    return torch.randn(tuple(shape), generator=generator, device=draw, dtype=torch.float32).to(device)
+
+
+def _check_generators(generator, batch: int):
+    """A list of generators as a list (diffusers' schedulers take one per row), a single one as is."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise PixsigmaError(f"{len(generator)} generators for {batch} images; expected one per image")
+        return list(generator)
+    return generator
+
+
 @torch.no_grad()
 def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: int | None = None,
-           generator: torch.Generator | None = None, callback=None, scheduler_config: dict | None = None,
+           generator=None, callback=None, scheduler_config: dict | None = None,
            progress: bool = False, prediction_type: str | None = None) -> torch.Tensor:
     """Run `sampler` for `steps` from standard-normal `latents`; returns the clean latents.
 
+    generator: a torch.Generator, or a list with one per image (module docstring).
     prediction_type: what model_fn's output is ("epsilon" / "v_prediction"); default: the
     scheduler config's, else epsilon.
     callback(step_index, timestep, latents) after each step. NaN/inf in the latents stops
@@ -141,12 +172,15 @@ def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: 
     steps = int(steps) if steps is not None else SAMPLERS[name]
     if steps < 1 or steps > 1000:
         raise PixsigmaError(f"steps {steps} is out of range; expected 1..1000")
-    channels = latents.shape[1]
+    generator = _check_generators(generator, latents.shape[0])
     if name == "iddpm":
         return _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress, prediction_type)
+    channels = latents.shape[1]
     scheduler = make_scheduler(name, scheduler_config, prediction_type)
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
+    # diffusers draws a step's noise with one generator per row when given a list, the same
+    # (1, ...) draws `randn` makes.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = latents.float() * scheduler.init_noise_sigma
     n = len(timesteps)
@@ -160,18 +194,15 @@ def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: 
     return x
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
 def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress, prediction_type):
-    from pixsigma.diffusion.iddpm import IDDPMSchedule, linear_betas
+    from pixsigma.diffusion.iddpm import IDDPMSchedule
 
     schedule = schedule_from_config(scheduler_config, prediction_type)
     if schedule["beta_schedule"] != "linear":
         raise PixsigmaError(f"the IDDPM sampler supports beta_schedule 'linear', got {schedule['beta_schedule']!r}")
-    sched = IDDPMSchedule(linear_betas(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]), steps)
+    # a scheduler config's beta ends are those of its num_train_timesteps steps (as diffusers reads them)
+    betas = linear_betas(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"], rescale=False)
+    sched = IDDPMSchedule(betas, steps)
     channels = latents.shape[1]
     x = latents.float()
     n = len(sched)
@@ -189,7 +220,7 @@ def _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_confi
         if schedule["prediction_type"] == "v_prediction":  # ε = sqrt(1−ᾱ)·x_t + sqrt(ᾱ)·v
             acp = float(sched.alphas_cumprod[i])
             eps = (1.0 - acp) ** 0.5 * x + acp ** 0.5 * eps
-        noise = _randn(x, generator) if i > 0 else None
+        noise = randn(x.shape, generator, device=x.device) if i > 0 else None
         x = sched.step(i, x, eps, v, noise)
         _check_finite(x, k, n, t)
         if callback is not None:
