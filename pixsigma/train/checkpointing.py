@@ -8,6 +8,8 @@
 - `state.json`: step, data position (epoch, batch index in epoch), lr, loss-scaler state, config;
 - `rng-rank{R}.json`: each process's python / numpy / torch (and CUDA) RNG states and the
   training generator.
+- under FSDP, `sharded/` (every rank's slices of weights and optimizer state, see
+  `pixsigma.train.distributed`) instead of `model.safetensors` and the optimizer files.
 Every file is written through `pixsigma.io`. The folder is assembled as `.tmp-step-…` (one fixed
 name, since every rank writes its RNG file into it) and renamed into place; only then is the
 `latest` file (its name) replaced atomically, and older checkpoints beyond `keep` removed. A kill
@@ -121,11 +123,14 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _write_shared_files(folder: Path, step: int, model, ema, optimizer_state: dict | None, state: dict) -> None:
-    """Rank 0's part of a checkpoint: weights, EMA, optimizer state and state.json."""
-    save_safetensors(model, folder / "model.safetensors", {"pixsigma_step": str(step)})
+def _write_shared_files(folder: Path, step: int, model, ema, optimizer_state: dict | None, state: dict,
+                        write_weights=save_safetensors) -> None:
+    """Rank 0's part of a checkpoint: weights, EMA, optimizer state and state.json.
+    write_weights(module, path, metadata) writes a module's weights (the training task's choice)."""
+    if model is not None:  # None: the weights are in the sharded folder
+        write_weights(model, folder / "model.safetensors", {"pixsigma_step": str(step)})
     if ema is not None:
-        save_safetensors(ema, folder / "ema.safetensors", {"pixsigma_step": str(step), "pixsigma_ema": "1"})
+        write_weights(ema, folder / "ema.safetensors", {"pixsigma_step": str(step), "pixsigma_ema": "1"})
     if optimizer_state is not None:
         tensors, structure = optimizer_to_files(optimizer_state)
         write_safetensors(folder / "optimizer.safetensors", tensors)
@@ -136,6 +141,8 @@ def _write_shared_files(folder: Path, step: int, model, ema, optimizer_state: di
 def _publish(tmp: Path, final: Path) -> None:
     """Flush the assembled folder to disk, rename it into place, then point `latest` at it."""
     for f in tmp.iterdir():
+        if f.is_dir():  # the sharded folder: torch.distributed.checkpoint syncs its own files
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
@@ -145,9 +152,10 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(run_dir, step: int, *, model, ema, optimizer_state: dict | None, state: dict, rng: dict,
-                    rank: int = 0, barrier=lambda: None, keep: int = 3) -> Path:
+                    rank: int = 0, barrier=lambda: None, keep: int = 3, sharded=None, write_weights=save_safetensors) -> Path:
     """Write one checkpoint (see module doc). Every process calls it; rank 0 writes the shared
-    files, each rank its RNG file; `barrier` synchronizes the processes."""
+    files, each rank its RNG file; `barrier` synchronizes the processes. sharded(folder): a
+    collective write every rank makes into the temporary folder (FSDP weights and optimizer)."""
     root = checkpoint_root(run_dir)
     name = step_dir_name(step)
     tmp, final = root / f".tmp-{name}", root / name
@@ -158,8 +166,10 @@ def save_checkpoint(run_dir, step: int, *, model, ema, optimizer_state: dict | N
         tmp.mkdir()
     barrier()
     write_json(tmp / f"rng-rank{rank}.json", rng, indent=None)
+    if sharded is not None:
+        sharded(tmp)
     if rank == 0:
-        _write_shared_files(tmp, step, model, ema, optimizer_state, state)
+        _write_shared_files(tmp, step, model, ema, optimizer_state, state, write_weights)
     barrier()
     if rank == 0:
         _publish(tmp, final)
@@ -203,7 +213,7 @@ def load_checkpoint(path, rank: int = 0) -> dict:
     out = {"path": path, "state": json.loads((path / "state.json").read_text())}
     rng_file = path / f"rng-rank{rank}.json"
     out["rng"] = json.loads(rng_file.read_text()) if rng_file.is_file() else None
-    out["model"] = load_file(str(path / "model.safetensors"))
+    out["model"] = load_file(str(path / "model.safetensors")) if (path / "model.safetensors").is_file() else None
     out["ema"] = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
     if (path / "optimizer.safetensors").is_file():
         out["optimizer"] = (load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text()))
