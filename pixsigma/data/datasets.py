@@ -11,6 +11,8 @@ Layouts (`layout="auto"` picks by what the path is):
 
 Any record may name a `loss_mask`: a grayscale image the size of the picture, white where the
 objects are. Training can weight the diffusion loss there (`schedule.object_loss_weight`).
+Any record may name a `control` image for ControlNet training (`NAME.control.png` in the folder
+layout), aligned with the picture.
 
 Records are sorted by path so indices are stable. Records with a missing image file, no
 usable caption, an unreadable JSON line or an aspect ratio beyond `max_aspect_ratio` (either way)
@@ -32,6 +34,7 @@ from pixsigma.errors import PixsigmaError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SIDE_IMAGES = (".mask.png", ".control.png")  # images that belong to another (NAME.png), not samples
 LAYOUTS = ("auto", "data_info", "folder", "jsonl")
 
 
@@ -43,6 +46,7 @@ class Sample:
     height: int | None = None  # from the metadata, or read from the image header lazily
     width: int | None = None
     loss_mask: str | None = None  # absolute path of a grayscale object mask (white = object), if any
+    control: str | None = None  # absolute path of the ControlNet control image, if any
 
 
 def use_long_caption(seed: int, epoch: int, index: int, ratio: float) -> bool:
@@ -134,7 +138,9 @@ class CaptionDataset:
         w = int(w) if isinstance(w, (int, float)) and w > 0 else None
         mask = rec.get("loss_mask")
         mask = self._resolve(mask, base) if isinstance(mask, str) and mask else None
-        return Sample(self._resolve(rec["path"], base), prompt or long_prompt, long_prompt, h, w, mask)
+        control = rec.get("control")
+        control = self._resolve(control, base) if isinstance(control, str) and control else None
+        return Sample(self._resolve(rec["path"], base), prompt or long_prompt, long_prompt, h, w, mask, control)
 
     def _read_data_info(self):
         info = self.path if self.path.is_file() else self.path / "data_info.json"
@@ -166,7 +172,7 @@ class CaptionDataset:
 
     def _read_folder(self):
         for img in sorted(self.path.rglob("*")):
-            if img.suffix.lower() not in IMAGE_EXTENSIONS or not img.is_file() or img.name.lower().endswith(".mask.png"):
+            if img.suffix.lower() not in IMAGE_EXTENSIONS or not img.is_file() or img.name.lower().endswith(SIDE_IMAGES):
                 continue
             txt, long_txt = img.with_suffix(".txt"), img.with_suffix(".long.txt")
             prompt = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
@@ -174,9 +180,10 @@ class CaptionDataset:
             if not prompt and not long_prompt:
                 self._skip("empty caption", str(img))
                 continue
-            mask = img.with_name(img.stem + ".mask.png")
+            mask, control = img.with_name(img.stem + ".mask.png"), img.with_name(img.stem + ".control.png")
             yield Sample(str(img.resolve()), prompt or long_prompt, long_prompt or None,
-                         loss_mask=str(mask.resolve()) if mask.is_file() else None)
+                         loss_mask=str(mask.resolve()) if mask.is_file() else None,
+                         control=str(control.resolve()) if control.is_file() else None)
 
     # -- filtering -------------------------------------------------------------------------------
     def _keep(self, s: Sample) -> bool:
