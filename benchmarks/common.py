@@ -25,8 +25,8 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
-    """Median seconds of each callable, run in turn so that machine noise hits all alike."""
+def interleaved_times(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
+    """Every repeat's seconds of each callable, run in turn so that machine noise hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -36,7 +36,12 @@ def interleaved_medians(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
+    """Median seconds of each callable, run in turn so that machine noise hits all alike."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, warmup).items()}
 
 
 def matmul_gflops(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> float:
