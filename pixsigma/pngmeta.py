@@ -1,11 +1,13 @@
 """Generation parameters stored in PNG files: a tEXt chunk with key "pixsigma" holding JSON.
 
 `save_png` writes atomically (through `pixsigma.io.atomic_write`) and refuses to replace an
-existing file unless overwrite=True; `read_png_params` returns the dict back.
+existing file unless overwrite=True; `png_bytes` encodes the same PNG in memory (for a server's
+response); `read_png_params` returns the dict back.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,17 +17,47 @@ from pixsigma.io import atomic_write
 PNG_KEY = "pixsigma"
 
 
-def save_png(image, path, params: dict | None = None, overwrite: bool = False) -> Path:
-    """Save a PIL image as PNG with `params` as JSON in a tEXt chunk."""
+def _png_info(params: dict | None):
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise PixsigmaError(f"{path}: already exists; expected a new file name (or pass --overwrite)")
     info = PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def save_png(image, path, params: dict | None = None, overwrite: bool = False) -> Path:
+    """Save a PIL image as PNG with `params` as JSON in a tEXt chunk."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise PixsigmaError(f"{path}: already exists; expected a new file name (or pass --overwrite)")
+    info = _png_info(params)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def png_bytes(image, params: dict | None = None) -> bytes:
+    """A PIL image encoded as PNG bytes, with `params` as in `save_png` (the same file content)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(params))
+    return buffer.getvalue()
+
+
+def generation_params(prompt: str, negative: str, seed: int, info: dict, size: tuple[int, int], model: str,
+                      model_hash: str, dtype: str, version: str) -> dict:
+    """What a generated PNG records: the call's prompt, negative prompt and seed, the pipeline's
+    `info` (steps, sampler, guidance, generated size, guidance interval, step cache), the image's
+    (width, height), and the model (name, weights hash, dtype) and pixsigma version."""
+    params = {
+        "prompt": prompt, "negative": negative, "seed": seed, "steps": info["steps"], "cfg": info["guidance_scale"],
+        "sampler": info["sampler"], "size": f"{size[0]}x{size[1]}",
+        "generated_size": f"{info['generated_width']}x{info['generated_height']}",
+        "model": model, "model_hash": model_hash, "dtype": dtype, "pixsigma": version,
+    }
+    if "guidance_interval" in info:
+        params["guidance_interval"] = ",".join(f"{t:g}" for t in info["guidance_interval"])
+    if "step_cache" in info:
+        params["step_cache"] = f"{info['step_cache']['mode']}:{info['step_cache']['interval']}"
+    return params
 
 
 def read_png_params(path) -> dict:
