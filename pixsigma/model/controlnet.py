@@ -88,6 +88,12 @@ class ControlNetTransformer(nn.Module):
     def config(self):
         return self.base_model.config
 
+    def set_runtime_options(self, **options) -> "ControlNetTransformer":
+        """The base's `set_runtime_options` (attention_fp32, gradient_checkpointing, ...); the
+        copies run under the same switches."""
+        self.base_model.set_runtime_options(**options)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What ControlNet training optimises: the copied blocks and the projections."""
         return list(self.controlnet.parameters())

@@ -224,11 +224,12 @@ def controlnet_metadata(net: ControlNetTransformer) -> dict:
             "base_config": config_to_dict(net.config)}
 
 
-def save_controlnet(net: ControlNetTransformer, path, to: str = "controlnet") -> Path:
-    """Write `net` as `to`: "controlnet" (ControlNet-only .safetensors naming its base by hash),
-    "official" (.pth with the base) or "diffusers" (a PixArtControlNetAdapterModel folder)."""
+def save_controlnet(net: ControlNetTransformer, path, to: str = "controlnet", extra_metadata: dict | None = None) -> Path:
+    """Write `net` as `to`: "controlnet" (ControlNet-only .safetensors naming its base by hash;
+    `extra_metadata` strings join its metadata), "official" (.pth with the base) or "diffusers" (a
+    PixArtControlNetAdapterModel folder)."""
     if to == "controlnet":
-        meta = {META_KEY: json.dumps(controlnet_metadata(net))}
+        meta = {**(extra_metadata or {}), META_KEY: json.dumps(controlnet_metadata(net))}
         return write_safetensors(path, net.controlnet_state_dict(), meta)
     if to == "official":
         sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
