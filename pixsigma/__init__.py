@@ -5,6 +5,7 @@ from pixsigma.model import (
     SMALL,
     TINY,
     XL_2,
+    ControlNetTransformer,
     KVCompressConfig,
     PixArtSigmaTransformer,
     TransformerConfig,
@@ -14,10 +15,14 @@ from pixsigma.model import (
     convert,
     count_parameters,
     grow_depth,
+    load_controlnet,
     load_transformer,
     save_transformer,
     xl2_at,
 )
+from pixsigma.model.lora import load_lora, save_lora
+from pixsigma.model.feedback import FeedbackTransformer, load_feedback, save_feedback
+from pixsigma.model.quantize import SVDQuantConfig, load_quantized, quantize_transformer, save_quantized
 from pixsigma.pipeline import SigmaOutput, SigmaPipeline
 from pixsigma.text import TextEncoder, minilm_path
 from pixsigma.vae import VAE

@@ -118,21 +118,22 @@ def _output_paths(out: str, count: int) -> list:
     return [path.with_name(f"{path.stem}-{i:03d}{path.suffix}") for i in range(count)]
 
 
-def _load_generate_pipeline(model, device, dtype):
+def _load_generate_pipeline(model, device, dtype, quantize=None, text_encoder_quantize=None, variant=None):
     from pathlib import Path
 
     from pixsigma.pipeline import SigmaPipeline
 
+    q = {"quantize": quantize, "text_encoder_quantize": text_encoder_quantize, "variant": variant}
     if model is None:
-        return SigmaPipeline.from_pretrained(None, device=device, dtype=dtype)
+        return SigmaPipeline.from_pretrained(None, device=device, dtype=dtype, **q)
     p = Path(model)
     if not p.exists():
         raise PixsigmaError(f"{p}: model does not exist; expected a pipeline folder (text_encoder/, tokenizer/, vae/, transformer/) "
                             "or a transformer checkpoint (.pth / .safetensors / diffusers transformer folder)")
     if p.is_dir() and ((p / "vae").is_dir() or (p / "model_index.json").is_file()):
-        return SigmaPipeline.from_pretrained(p, device=device, dtype=dtype)
+        return SigmaPipeline.from_pretrained(p, device=device, dtype=dtype, **q)
     # A transformer alone: text encoder and VAE come from the shipped default model.
-    return SigmaPipeline.from_pretrained(None, transformer=p, device=device, dtype=dtype)
+    return SigmaPipeline.from_pretrained(None, transformer=p, device=device, dtype=dtype, **q)
 
 
 def cmd_generate(args) -> int:
@@ -145,7 +146,7 @@ def cmd_generate(args) -> int:
     import torch
 
     import pixsigma
-    from pixsigma.pngmeta import save_png
+    from pixsigma.pngmeta import generation_params, save_png
     from pixsigma.resolution import parse_ratio, parse_size, size_for_ratio
 
     prompts = _generate_prompts(args)
@@ -153,6 +154,8 @@ def cmd_generate(args) -> int:
         raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
     if args.size and args.ar:
         raise PixsigmaError("give either --size WxH or --ar H:W, not both")
+    if args.lora and args.quantize:
+        raise PixsigmaError("--lora on a quantized transformer (--quantize) is not supported yet; expected one of the two")
     height, width = parse_size(args.size) if args.size else (None, None)
     ratio = parse_ratio(args.ar) if args.ar else None
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -165,25 +168,34 @@ def cmd_generate(args) -> int:
     if existing:
         raise PixsigmaError(f"{existing[0]}: already exists ({len(existing)} of the outputs); expected new file names or --overwrite")
 
-    pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
+    pipe = _load_generate_pipeline(args.model, args.device, args.dtype, args.quantize, args.quantize_text_encoder,
+                                   variant="lcm" if args.fast else None)
+    loras = _load_loras(pipe, args.lora or [])
     if args.compile:
         pipe.enable_compile()
+    if args.controlnet:
+        pipe.set_controlnet(args.controlnet)
     if ratio is not None:
         height, width = size_for_ratio(ratio, pipe.resolution)
     for index, path in enumerate(paths):
         prompt = prompts[index // args.num]
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
                    height=height, width=width, generator=torch.Generator("cpu").manual_seed(seed + index),
-                   sampler=args.sampler, output_type="pil", progress=True, guidance_interval=args.guidance_interval)
+                   sampler=args.sampler, output_type="pil", progress=True, guidance_interval=args.guidance_interval,
+                   control_image=args.control, control_type=args.control_type,
+                   controlnet_conditioning_scale=args.control_scale,
+                   step_cache={"mode": args.cache, "interval": args.cache_interval} if args.cache else None)
         image, info = out.images[0], out.info
-        params = {
-            "prompt": prompt, "negative": args.negative, "seed": seed + index, "steps": info["steps"], "cfg": args.cfg,
-            "sampler": info["sampler"], "size": f"{image.width}x{image.height}",
-            "generated_size": f"{info['generated_width']}x{info['generated_height']}",
-            "model": pipe.name, "model_hash": pipe.weights_hash(), "dtype": args.dtype, "pixsigma": pixsigma.__version__,
-        }
-        if "guidance_interval" in info:
-            params["guidance_interval"] = ",".join(f"{t:g}" for t in info["guidance_interval"])
+        params = generation_params(prompt, args.negative, seed + index, info, image.size, pipe.name,
+                                   pipe.weights_hash(), args.dtype, pixsigma.__version__)
+        if loras:
+            params["lora"] = ",".join(f"{path}:{scale:g}" for path, scale in loras)
+        quantized = getattr(pipe.transformer, "quantization", None)
+        if quantized or args.quantize_text_encoder:
+            params.update(quantize=(quantized or {}).get("mode", "none"), quantize_text_encoder=args.quantize_text_encoder or "none")
+        if args.control:
+            params.update(control=args.control, control_type=args.control_type, control_scale=args.control_scale,
+                          controlnet=args.controlnet)
         save_png(image, path, params, overwrite=args.overwrite)
         log.info("wrote %s (seed %d, %dx%d)", path, seed + index, image.width, image.height)
     return 0
@@ -195,11 +207,20 @@ def add_generate(sub) -> None:
     p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered out-000.png ... for several images)")
     p.add_argument("-n", "--num", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image k uses seed + k); random if omitted")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (<= 1 disables guidance)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100, lcm 4)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (<= 1 disables guidance; default 4.5, or 1 for an LCM model)")
     p.add_argument("--guidance-interval", default=None, metavar="T_MIN,T_MAX",
                    help="guide only at timesteps in this range (default: the model's; 0,999 = every step)")
-    p.add_argument("--sampler", default="dpm-solver", help="dpm-solver | sa-solver | ddim | euler | iddpm")
+    p.add_argument("--sampler", default=None,
+                   help="dpm-solver | sa-solver | ddim | euler | iddpm | lcm (default: dpm-solver, or lcm for an LCM model)")
+    p.add_argument("--fast", action="store_true",
+                   help="the model's latent consistency variant (transformer_lcm/; the shipped model has one): 4 LCM steps, no guidance")
+    p.add_argument("--cache", default=None, choices=("fora", "delta"),
+                   help="training-free step caching: reuse block outputs (fora) or block-range deltas (delta) between "
+                        "full steps (see docs/fast_sampling.md)")
+    p.add_argument("--cache-interval", type=int, default=2, metavar="K",
+                   help="with --cache: run every block at every K-th step (1 = no caching)")
     p.add_argument("--size", default=None, help="output size WIDTHxHEIGHT, e.g. 1024x768 (default: the model's resolution)")
     p.add_argument("--ar", default=None, help="aspect ratio H:W as in the official prompt syntax (e.g. 9:16 is landscape)")
     p.add_argument("--model", default=None, help="pipeline folder or transformer checkpoint (default: the shipped model)")
@@ -211,6 +232,16 @@ def add_generate(sub) -> None:
                    help="run the transformer under torch.compile (about 7%% faster per 1024px XL_2 step in bf16) after a "
                         "one-off compile per image size (33 s for XL_2; needs a C++ compiler)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="apply a LoRA (file or PEFT folder) at SCALE (default 1); repeatable, the adapters add up")
+    p.add_argument("--controlnet", default=None, help="ControlNet checkpoint for the model (see docs/controlnet.md)")
+    p.add_argument("--control", default=None, metavar="IMAGE", help="control image (needs --controlnet)")
+    p.add_argument("--control-type", default="none", choices=("none", "canny", "mask"),
+                   help="preprocess the control image: none (use as is) | canny (edges) | mask (grayscale)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="transformer weights: int8 | int4 (CPU) | svdquant (W4A4, simulated); see docs/quantization.md")
+    p.add_argument("--quantize-text-encoder", default=None, metavar="MODE", help="text encoder weights: int8 | int4 (CPU)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -241,6 +272,14 @@ def add_info(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    if args.plan:
+        import os
+
+        from pixsigma.train.config import load_config
+        from pixsigma.train.distributed import describe_plan
+
+        print("\n".join(describe_plan(load_config(args.config, args.set or []), os.environ)))
+        return 0
     from pixsigma.train.loop import train_from_file
 
     out = train_from_file(args.config, overrides=args.set or [], resume=args.resume, max_steps=args.max_steps, output=args.output)
@@ -256,6 +295,8 @@ def add_train(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
     p.add_argument("--output", default=None, help="override output.dir")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    p.add_argument("--plan", action="store_true",
+                   help="print ranks, sharding, batches and memory per GPU (world size and ranks from the environment), do not train")
     p.set_defaults(func=cmd_train)
 
 
@@ -288,7 +329,7 @@ def cmd_extract(args) -> int:
             long_caption_key=args.long_caption_key or d.get("long_caption_key", "sharegpt4v"),
             max_aspect_ratio=d.get("max_aspect_ratio", 4.0), image_root=d.get("image_root"), patch_size=args.patch_size,
             shard_size=args.shard_size, batch_size=args.batch_size, start=args.start, end=args.end, rank=args.rank,
-            world_size=args.world_size, dtype=args.dtype, device=args.device)
+            world_size=args.world_size, dtype=args.dtype, device=args.device, control_type=args.control_type)
     return 0
 
 
@@ -312,6 +353,9 @@ def add_extract(sub) -> None:
     p.add_argument("--world-size", type=int, default=None, help="processes (default: $WORLD_SIZE or 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--control-type", default="none", choices=["none", "canny", "mask"],
+                   help="ControlNet control latents: the records' control images as they are (none), or that "
+                        "preprocessor applied to them, or to the picture when a record names none")
     p.set_defaults(func=cmd_extract)
 
 
@@ -363,7 +407,99 @@ def add_adapt(sub) -> None:
     p.set_defaults(func=cmd_adapt)
 
 
-TRAIN_COMMANDS = (add_train, add_extract, add_adapt)
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); a trailing ":number" is the scale."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _load_loras(pipe, specs: list[str]) -> list[tuple[str, float]]:
+    loras = [parse_lora_arg(s) for s in specs]
+    names = [pipe.load_lora_weights(path) for path, _ in loras]
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+    return loras
+
+
+def cmd_lora(args) -> int:
+    from pixsigma.model.lora import merge_lora
+
+    out = merge_lora(args.base, args.lora, args.out, scale=args.scale)
+    log.info("wrote %s (base + %g x LoRA)", out, args.scale)
+    return 0
+
+
+def add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="LoRA files: merge one into a full checkpoint")
+    t = p.add_subparsers(dest="lora_command", required=True)
+    q = t.add_parser("merge", help="write base + scale x LoRA as a full pixsigma .safetensors checkpoint")
+    q.add_argument("base", help="transformer checkpoint (any layout load_transformer reads)")
+    q.add_argument("lora", help="LoRA file or PEFT adapter folder")
+    q.add_argument("out", help="output .safetensors")
+    q.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1)")
+    p.set_defaults(func=cmd_lora)
+
+
+def cmd_distill_lcm(args) -> int:
+    from pixsigma.train.lcm import lcm_overrides
+    from pixsigma.train.loop import train_from_file
+
+    out = train_from_file(args.config, overrides=lcm_overrides(args.config, args.set or []), resume=args.resume,
+                          max_steps=args.max_steps, output=args.output)
+    log.info("distilled model: %s", out)
+    return 0
+
+
+def add_distill_lcm(kinds) -> None:
+    p = kinds.add_parser("lcm", help="latent consistency distillation (PixArt-δ) of model.init_from: full weights, or an "
+                                     "LCM-LoRA with a [lora] section; settings in [lcm]")
+    p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the teacher")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
+    p.add_argument("--output", default=None, help="override output.dir")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    p.set_defaults(func=cmd_distill_lcm)
+
+
+def cmd_distill_ilf(args) -> int:
+    from pixsigma.train.config import load_config
+    from pixsigma.train.loop import train_from_file
+
+    extra = list(args.set or [])
+    if load_config(args.config, extra).ilf is None:  # the [ilf] defaults when the config has no section
+        extra.append("ilf={}")
+    out = train_from_file(args.config, extra, resume=args.resume, max_steps=args.max_steps, output=args.output)
+    log.info("feedback module: %s", out)
+    return 0
+
+
+def add_distill_ilf(kinds) -> None:
+    p = kinds.add_parser("ilf", help="Inner Loop Feedback: train a feedback module on the frozen model.init_from against "
+                                     "its many-step sampler; settings in [ilf]")
+    p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the base")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
+    p.add_argument("--output", default=None, help="override output.dir")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    p.set_defaults(func=cmd_distill_ilf)
+
+
+DISTILL_COMMANDS = [add_distill_lcm, add_distill_ilf]  # each adds one `pixsigma distill KIND` parser
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a model into a faster one through the training loop")
+    kinds = p.add_subparsers(dest="distillation", required=True)
+    for add in DISTILL_COMMANDS:
+        add(kinds)
+
+
+TRAIN_COMMANDS = (add_train, add_extract, add_adapt, add_lora, add_distill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +548,10 @@ def add_eval(sub) -> None:
 def cmd_ship(args) -> int:
     from pixsigma.toy.ship import ship
 
-    ship(args.vae, args.transformer, dest=args.dest, model_card=args.model_card)
+    variants = dict(v.split("=", 1) for v in args.variant or [] if "=" in v)
+    if len(variants) != len(args.variant or []):
+        raise PixsigmaError("--variant expects NAME=CHECKPOINT, e.g. lcm=runs/toy/lcm/model.safetensors")
+    ship(args.vae, args.transformer, dest=args.dest, model_card=args.model_card, variants=variants)
     return 0
 
 
@@ -422,7 +561,57 @@ def add_ship(sub) -> None:
     p.add_argument("--transformer", required=True, help="transformer checkpoint (any layout load_transformer reads); stored in fp16")
     p.add_argument("--dest", default=None, help="output folder (default: pixsigma/assets/default_model, replaced whole)")
     p.add_argument("--model-card", default=None, help="Markdown file to ship as MODEL_CARD.md (default: a generated card)")
+    p.add_argument("--variant", action="append", metavar="NAME=CHECKPOINT",
+                   help="a further transformer shipped as transformer_NAME/ (e.g. lcm=...: the LCM variant); repeatable")
     p.set_defaults(func=cmd_ship)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+
+
+def serve_config(args):
+    """The server's settings from the arguments; the API key from --api-key, else $PIXSIGMA_API_KEY."""
+    import pixsigma
+    from pixsigma.serve.config import API_KEY_ENV, ServeConfig
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    return ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue, timeout_s=args.timeout, api_key=api_key,
+                       allow_remote=args.allow_remote, max_images=args.max_images, max_side=args.max_side,
+                       ui=not args.no_ui, dtype=args.dtype, version=pixsigma.__version__).check()
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from pixsigma.serve.api import run_server
+
+    config = serve_config(args)  # checked before the model loads
+    pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
+    for path in args.lora or []:  # off (scale 0) until a request names it
+        pipe.load_lora_weights(path, adapter_name=Path(path).stem, scale=0.0)
+    run_server(pipe, config)
+    return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model: an HTTP API (OpenAI images shape) and a web UI, one worker")
+    p.add_argument("--model", default=None, help="pipeline folder or transformer checkpoint (default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless --allow-remote)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (more get 429)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run before it gets 504")
+    p.add_argument("--api-key", default=None, help="require this key on every API route and the UI (default: $PIXSIGMA_API_KEY)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host that is not loopback")
+    p.add_argument("--max-images", type=int, default=4, help="the most images (n) one request may ask for")
+    p.add_argument("--max-side", type=int, default=None, help="the largest image side (default: 2x the model's, at least 1024)")
+    p.add_argument("--no-ui", action="store_true", help="serve the API only")
+    p.add_argument("--lora", action="append", metavar="PATH",
+                   help="load a LoRA that requests may use by its file name's stem, {\"lora\": {\"STEM\": scale}}; repeatable")
+    p.set_defaults(func=cmd_serve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixsigma", description="PixArt-Σ text-to-image: generate, convert, train, evaluate")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_train_vae, add_generate, add_info, add_eval, add_ship):
+    for add in (add_convert, add_train_vae, add_generate, add_info, add_eval, add_ship, add_serve):
         add(sub)
     for add in TRAIN_COMMANDS:
         add(sub)
@@ -445,6 +634,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # torchao (imported by peft and diffusers when installed) warns at import about kernels built
+    # for other platforms and about torch.compile registrations; nothing a CLI user can act on
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except (PixsigmaError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixsigma.diffusion.samplers import default_steps, randn, resolve_sampler, sample
+from pixsigma.diffusion.cache import StepCache, as_cache_config, with_step_cache
+from pixsigma.diffusion.samplers import default_steps, is_lcm_model, randn, resolve_sampler, sample
 from pixsigma.errors import PixsigmaError
 from pixsigma.io import as_dtype, weights_hash
 from pixsigma.resolution import check_side, parse_prompt_options, plan_size, resize_and_crop, size_for_ratio
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 LAYOUT = "text_encoder/, tokenizer/, vae/, transformer/ (scheduler/ optional)"
+LCM_LORA_KEY = "pixsigma_lcm"  # a LoRA file's metadata key: the LCM distillation that made it (JSON)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -136,6 +138,28 @@ def _load_transformer_from(path: Path, dtype, overrides: dict | None = None):
     return load_transformer(path, dtype=dtype, **(overrides or {}))
 
 
+def is_lcm_lora(path) -> bool:
+    """Whether a LoRA file records that it is an LCM-LoRA (`LCM_LORA_KEY` in its metadata)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return LCM_LORA_KEY in (f.metadata() or {})
+
+
+def _variant_path(folder: Path, variant: str, transformer) -> Path:
+    """The transformer of a folder's variant: `folder/transformer_<variant>/`."""
+    if transformer is not None:
+        raise PixsigmaError("give either transformer= or variant=, not both")
+    path = folder / f"transformer_{variant}"
+    if not path.is_dir():
+        have = sorted(p.name[len("transformer_"):] for p in folder.glob("transformer_*") if p.is_dir())
+        raise PixsigmaError(f"{folder}: no variant {variant!r} (no {path.name}/); expected one of {have or 'none'}")
+    return path
+
+
 def _check_layout(folder: Path, transformer) -> bool:
     """Check that `folder` holds a pipeline (vae/, transformer/ unless one is given, text_encoder/
     beside a tokenizer/); whether it has its own text encoder."""
@@ -157,9 +181,16 @@ def _load_model(folder: Path, transformer, device, dtype, overrides: dict | None
     the pipeline's name (the folder's, or the checkpoint file's stem)."""
     from pixsigma.model.transformer import PixArtSigmaTransformer
 
+    from pixsigma.model.quantize import load_quantized, quantized_file
+
     if isinstance(transformer, PixArtSigmaTransformer):
+        if getattr(transformer, "quantization", None):  # quantized weights keep their own dtypes
+            return transformer.to(device=device).eval(), folder.name
         return transformer.to(device=device, dtype=dtype).eval(), folder.name
     src = Path(transformer) if transformer is not None else folder / "transformer"
+    qfile = quantized_file(src)
+    if qfile is not None:  # a quantized checkpoint loads as stored, never re-quantized
+        return load_quantized(qfile, device=device), src.stem if transformer is not None else folder.name
     model = _load_transformer_from(src, dtype, overrides).to(device)
     return model, src.stem if transformer is not None else folder.name
 
@@ -201,7 +232,7 @@ def _read_json(path: Path) -> dict:
 class SigmaPipeline:
     def __init__(self, transformer, text_encoder: TextEncoder, vae: VAE, scheduler_config: dict | None = None,
                  device="cpu", name: str = "pixsigma", null_caption_uncond: bool = False,
-                 guidance_interval: tuple[float, float] | None = None):
+                 guidance_interval: tuple[float, float] | None = None, lcm: bool = False):
         if transformer.config.caption_channels != text_encoder.hidden_size:
             raise PixsigmaError(
                 f"the transformer expects {transformer.config.caption_channels} caption channels but the text encoder "
@@ -223,24 +254,108 @@ class SigmaPipeline:
         # where guidance applies when a call names no interval (model_index.json
         # "pixsigma_guidance_interval"; None: every step)
         self.guidance_interval = check_guidance_interval(guidance_interval)
+        # A latent consistency model (recorded by its checkpoint or folder, or lcm=True) samples
+        # with "lcm" and no classifier-free guidance unless a call asks otherwise.
+        self.lcm = bool(lcm) or is_lcm_model(getattr(transformer, "history", ()), scheduler_config=scheduler_config)
         self._hash = None
         self._compiled = None  # set by enable_compile()
+        self.controlnet = None  # a ControlNetTransformer on self.transformer, set by set_controlnet()
+        self.feedback = None  # an ILF FeedbackTransformer on self.transformer, set by load_feedback()
+
+    def set_controlnet(self, controlnet) -> "SigmaPipeline":
+        """Attach a ControlNet (a ControlNetTransformer, or a path `load_controlnet` reads) to this
+        pipeline's transformer; calls with `control_image=` then use it."""
+        from pixsigma.model.controlnet import ControlNetTransformer
+        from pixsigma.model.controlnet_checkpoint import load_controlnet
+
+        if not isinstance(controlnet, ControlNetTransformer):
+            dtype = self.transformer.x_embedder.proj.weight.dtype
+            controlnet = load_controlnet(controlnet, base=self.transformer, device=self.device, dtype=dtype)
+        elif controlnet.base_model is not self.transformer:
+            raise PixsigmaError("the ControlNet is built on another transformer than this pipeline's; expected "
+                                "ControlNetTransformer.from_transformer(pipe.transformer) or a checkpoint path")
+        self.controlnet = controlnet.eval()
+        return self
+
+    def load_feedback(self, path) -> "SigmaPipeline":
+        """Attach an Inner Loop Feedback module (a file from `pixsigma distill ilf`, or a
+        FeedbackTransformer on this pipeline's transformer); None detaches it. The file must name
+        this transformer as its base."""
+        from pixsigma.model.feedback import FeedbackTransformer, load_feedback
+
+        if path is None or isinstance(path, FeedbackTransformer):
+            if path is not None and path.base_model is not self.transformer:
+                raise PixsigmaError("the feedback module is built on another transformer than this pipeline's")
+            self.feedback = path
+            return self
+        self.feedback = load_feedback(path, self.transformer)
+        return self
 
     def enable_compile(self) -> "SigmaPipeline":
         """Run the transformer under torch.compile from the next call on (see compile_transformer)."""
         self._compiled = compile_transformer(self.transformer)
         return self
 
+    # -- LoRA (diffusers' method names; pixsigma.model.lora does the work) --------------------------
+    def load_lora_weights(self, path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Attach a LoRA file or PEFT folder as a new adapter, active beside the others; its name.
+        An LCM-LoRA (its file records LCM distillation) makes the pipeline an LCM one (sampler
+        "lcm", no guidance by default)."""
+        from pixsigma.model import lora
+
+        name = lora.load_lora(self.transformer, path, scale=scale, adapter_name=adapter_name)
+        self.lcm = self.lcm or is_lcm_lora(path)
+        self._lora_changed()
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Activate these adapters with these weights (default 1 each)."""
+        from pixsigma.model import lora
+
+        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
+        self._lora_changed()
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Merge the active adapters into the weights (no per-step cost); unfuse_lora undoes it."""
+        from pixsigma.model import lora
+
+        lora.fuse_lora(self.transformer, lora_scale)
+        self._lora_changed()
+
+    def unfuse_lora(self) -> None:
+        from pixsigma.model import lora
+
+        lora.unfuse_lora(self.transformer)
+        self._lora_changed()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter (fused ones stay merged in the weights, as in diffusers)."""
+        from pixsigma.model import lora
+
+        lora.unload_lora(self.transformer)
+        self._lora_changed()
+
+    def _lora_changed(self) -> None:
+        self._hash = None  # the weights hash names the model with its adapters
+        if self._compiled is not None:
+            self.enable_compile()  # a compiled graph holds the weights it was compiled with
+
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder=None, transformer=None, **kwargs):
+    def from_pretrained(cls, folder=None, transformer=None, variant: str | None = None, **kwargs):
         """Load a pipeline folder (diffusers layout) or, with folder=None, the shipped default model
-        (see `_from_folder` for the options)."""
+        (see `_from_folder` for the options). variant: a second transformer of the folder,
+        `transformer_<variant>/` (e.g. "lcm", the default model's latent consistency model)."""
         for key in ("dtype", "text_dtype", "vae_dtype"):  # bad arguments are the caller's, not the model's
             if kwargs.get(key) is not None:
                 kwargs[key] = as_dtype(kwargs[key])
+        if variant is not None:
+            transformer = _variant_path(Path(folder) if folder is not None else DEFAULT_MODEL_DIR, variant, transformer)
         if folder is not None:
-            return cls._from_folder(folder, transformer, **kwargs)
+            pipe = cls._from_folder(folder, transformer, **kwargs)
+            if variant is not None:
+                pipe.name = f"{Path(folder).name}-{variant}"
+            return pipe
         try:
             pipe = cls._from_folder(DEFAULT_MODEL_DIR, transformer, **kwargs)
         except PixsigmaError as e:
@@ -250,14 +365,24 @@ class SigmaPipeline:
                 f"{e} -- the shipped default model is missing or damaged; restore it with "
                 "`git checkout -- pixsigma/assets/default_model` (or reinstall pixsigma), or rebuild it with "
                 "`bash scripts/train_default_model.sh`") from None
-        pipe.name = "default"
+        pipe.name = "default" if variant is None else f"default-{variant}"
         return pipe
 
     @classmethod
     def _from_folder(cls, folder, transformer=None, device="cpu", dtype=torch.float32, text_dtype=None,
                      vae_dtype=None, clean_caption: bool = False, lowercase: bool = False, cache_dir=None,
-                     max_sequence_length: int | None = None, transformer_overrides: dict | None = None):
+                     max_sequence_length: int | None = None, transformer_overrides: dict | None = None,
+                     controlnet=None, quantize: str | None = None, text_encoder_quantize: str | None = None,
+                     calibration_prompts: list[str] | None = None, feedback=None):
         """Load a pipeline folder (diffusers layout).
+
+        feedback: an ILF feedback file for the transformer (see `load_feedback`).
+
+        quantize: "int8" | "int4" | "svdquant" for the transformer, text_encoder_quantize: "int8" |
+        "int4" for the text encoder (see `pixsigma.model.quantize`; svdquant calibrates on
+        `calibration_prompts`, default a few prompts of the shipped model's domain).
+
+        controlnet: a ControlNet checkpoint for the transformer (see `set_controlnet`).
 
         transformer: a path (official .pth, pixsigma .safetensors, diffusers transformer folder) or
         a PixArtSigmaTransformer replacing the folder's. dtype: the transformer's (fp32/bf16/fp16);
@@ -267,6 +392,9 @@ class SigmaPipeline:
         """
         dtype = as_dtype(dtype)
         folder = Path(folder)
+        from pixsigma.model.quantize import check_quantize_args, quantize_text_encoder
+
+        check_quantize_args(quantize, text_encoder_quantize, device)
         has_text = _check_layout(folder, transformer)
         device = torch.device(device)
         model, name = _load_model(folder, transformer, device, dtype, transformer_overrides)
@@ -281,11 +409,38 @@ class SigmaPipeline:
         scheduler_config = _read_json(sched_file) if sched_file.is_file() else None
         index_file = folder / "model_index.json"
         index = _read_json(index_file) if index_file.is_file() else {}
-        return cls(model, text, vae, scheduler_config, device=device, name=name,
+        pipe = cls(model, text, vae, scheduler_config, device=device, name=name,
                    null_caption_uncond=index.get("pixsigma_unconditional") == "null_caption",
-                   guidance_interval=index.get("pixsigma_guidance_interval"))
+                   guidance_interval=index.get("pixsigma_guidance_interval"), lcm=is_lcm_model(index=index))
+        if text_encoder_quantize is not None:
+            quantize_text_encoder(text.model, text_encoder_quantize)
+        if quantize is not None:
+            pipe.quantize(quantize, calibration_prompts)
+        if feedback is not None:
+            pipe.load_feedback(feedback)
+        return pipe.set_controlnet(controlnet) if controlnet is not None else pipe
+
+    def quantize(self, mode: str, calibration_prompts: list[str] | None = None) -> "SigmaPipeline":
+        """Quantize the transformer in place ("int8" | "int4" | "svdquant"); svdquant's smoothing is
+        calibrated by generating `calibration_prompts` (default: prompts of the shipped model's
+        domain) with the float model first."""
+        from pixsigma.model.quantize import CALIBRATION_PROMPTS, CALIBRATION_STEPS, quantize_transformer
+
+        prompts = list(calibration_prompts or CALIBRATION_PROMPTS)
+        run = lambda: self(prompts, num_inference_steps=CALIBRATION_STEPS, output_type="latent", seed=0)  # noqa: E731
+        self.transformer = quantize_transformer(self.transformer, mode, calibrate=run if mode == "svdquant" else None)
+        self._hash, self._compiled = None, None
+        return self
 
     # -- facts -----------------------------------------------------------------------------------
+    @property
+    def default_sampler(self) -> str:
+        return "lcm" if self.lcm else "dpm-solver"
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return 1.0 if self.lcm else 4.5
+
     @property
     def prediction_type(self) -> str | None:
         """What the transformer predicts: its own config's value when it records one other than the
@@ -305,29 +460,42 @@ class SigmaPipeline:
     def weights_hash(self) -> str:
         """A short (12 hex) SHA-256 over the transformer's weights, to tell models apart."""
         if self._hash is None:
-            self._hash = weights_hash(self.transformer.state_dict())
+            from pixsigma.model.quantize import plain_state_dict  # quantized weights hash as their stored tensors
+
+            self._hash = weights_hash(plain_state_dict(self.transformer))
         return self._hash
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt="", num_inference_steps: int | None = None, guidance_scale: float = 4.5,
+    def __call__(self, prompt, negative_prompt="", num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1, generator=None,
-                 latents: torch.Tensor | None = None, sampler: str = "dpm-solver", output_type: str = "pil",
+                 latents: torch.Tensor | None = None, sampler: str | None = None, output_type: str = "pil",
                  use_resolution_binning: bool = True, callback=None, max_sequence_length: int | None = None,
                  seed: int | None = None, progress: bool = False,
-                 guidance_interval: tuple[float, float] | None = None) -> SigmaOutput:
+                 guidance_interval: tuple[float, float] | None = None, control_image=None, control_type: str = "none",
+                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
+                 control_guidance_end: float = 1.0, step_cache=None) -> SigmaOutput:
         """Generate images. prompt: str or list (may be ""; inline "--ar h:w" / "--hw h:w" honored);
         negative_prompt: str or list (the unconditional branch); num_inference_steps: default
-        per sampler (dpm-solver 20, sa-solver 25, iddpm 100); generator: a torch.Generator, or a
+        per sampler (dpm-solver 20, sa-solver 25, iddpm 100, lcm 4); guidance_scale and sampler:
+        default 4.5 and dpm-solver, or 1 (no guidance) and lcm for an LCM model; generator: a torch.Generator, or a
         list with one per image (image k of the batch is then exactly the single-image call with
         generator k, for every sampler); seed: shortcut for a CPU generator; latents: initial
         standard normal noise (B, C, h, w) at the generation size; output_type: pil | np | pt |
         latent; guidance_interval: (t_min, t_max), guide only at timesteps in that range (0..999),
         run the conditional pass alone elsewhere; None: the pipeline's default (every step unless
-        the model folder names an interval); (0, 999) guides every step."""
+        the model folder names an interval); (0, 999) guides every step. control_image (with a
+        ControlNet loaded): a path, PIL image or array, preprocessed by control_type (none | canny |
+        mask) and resized + center-cropped to the generation size like the output; its residuals
+        are scaled by controlnet_conditioning_scale and applied on the steps whose fraction of the
+        run lies in [control_guidance_start, control_guidance_end]. step_cache: training-free step
+        caching, "fora" | "delta" | a dict of StepCacheConfig's fields | a StepCacheConfig
+        (pixsigma.diffusion.cache); None runs every block at every step."""
         req = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                                  num_images_per_prompt, sampler, output_type, use_resolution_binning,
                                  max_sequence_length, guidance_interval)
+        req.step_cache = as_cache_config(step_cache)
         if seed is not None and generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
         noise = self._prepare_latents(req, latents, generator)
@@ -336,7 +504,9 @@ class SigmaPipeline:
         context = self._encode_prompts(req)
         timings["text"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        x = self._denoise(req, context, noise, generator, callback, progress)
+        control = self._prepare_control(req, control_image, control_type, controlnet_conditioning_scale,
+                                        control_guidance_start, control_guidance_end)
+        x = self._denoise(req, context, noise, generator, callback, progress, control)
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":
             return SigmaOutput(images=x, info=req.info(), timings=timings)
@@ -348,13 +518,13 @@ class SigmaPipeline:
     def _check_inputs(self, prompt, negative_prompt, steps, guidance_scale, height, width, num_images_per_prompt,
                       sampler, output_type, use_resolution_binning, max_sequence_length, guidance_interval) -> "_Request":
         """Every argument checked (a PixsigmaError naming the bad one) and the sizes planned."""
-        sampler = resolve_sampler(sampler)
+        sampler = resolve_sampler(sampler if sampler is not None else self.default_sampler)
         steps = int(steps) if steps is not None else default_steps(sampler)
         if output_type not in OUTPUT_TYPES:
             raise PixsigmaError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PixsigmaError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        guidance_scale = check_guidance_scale(guidance_scale)
+        guidance_scale = check_guidance_scale(guidance_scale if guidance_scale is not None else self.default_guidance_scale)
         interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else self.guidance_interval
         prompts, options = _parse_prompts(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -410,11 +580,40 @@ class SigmaPipeline:
             emb = emb.repeat_interleave(req.per_prompt, dim=0)
             mask = mask.repeat_interleave(req.per_prompt, dim=0)
         wdtype = self.transformer.x_embedder.proj.weight.dtype
-        return self.transformer.prepare_caption(emb.to(self.device, wdtype), mask.to(self.device))
+        encoder = self.controlnet if self.controlnet is not None else self.transformer  # + the copies' K/V
+        if self.feedback is not None and self.controlnet is None:
+            encoder = self.feedback  # + the feedback block's K/V
+        return encoder.prepare_caption(emb.to(self.device, wdtype), mask.to(self.device))
 
-    def _denoise(self, req: "_Request", context, noise, generator, callback, progress) -> torch.Tensor:
-        """The sampler run from `noise` with the guided denoiser; clean latents."""
+    def _prepare_control(self, req: "_Request", image, kind: str, scale, start: float, end: float):
+        """The ControlNet denoiser for a control image (None without one): the image preprocessed,
+        fitted to the generation size and VAE-encoded, the steps it applies on chosen."""
+        if image is None:
+            return None
+        if self.controlnet is None:
+            raise PixsigmaError("a control image was given but the pipeline has no ControlNet; expected "
+                                "from_pretrained(..., controlnet=PATH) or pipe.set_controlnet(PATH)")
+        from pixsigma.data.control import control_tensor
+        from pixsigma.model.controlnet import ControlledDenoiser, check_control_scale, control_steps
+
+        active = control_steps(req.steps, start, end)
+        pixels = control_tensor(image, req.generated_height, req.generated_width, kind)  # (1, 3, H, W)
+        latent = self.vae.encode(pixels).to(self.device)  # (1, C, H/f, W/f)
+        return ControlledDenoiser(self.controlnet, latent, check_control_scale(scale), active)
+
+    def _denoise(self, req: "_Request", context, noise, generator, callback, progress, control=None) -> torch.Tensor:
+        """The sampler run from `noise` with the guided denoiser (the ControlNet's `control`, when
+        given); clean latents."""
         denoiser = self._compiled if self._compiled is not None else self.transformer
+        denoiser = control if control is not None else denoiser
+        if self.feedback is not None:
+            if control is not None or req.step_cache is not None or self.controlnet is not None:
+                raise PixsigmaError("an ILF feedback module does not combine with a ControlNet or step caching; expected one of them")
+            denoiser = self.feedback
+        if req.step_cache is not None:  # the plain module: the cache steers its block loop
+            if control is not None:
+                raise PixsigmaError("step caching does not combine with a control image; expected one or the other")
+            denoiser = with_step_cache(self.transformer, StepCache(req.step_cache, self.transformer.config.depth))
         model_fn = guided_model_fn(denoiser, context, req.guidance_scale if req.guided else None,
                                    noise.shape[1], req.guidance_interval)
         try:
@@ -451,6 +650,7 @@ class _Request:
     generated_height: int
     generated_width: int
     latent_shape: tuple[int, int, int, int]
+    step_cache: object = None  # a StepCacheConfig, or None
 
     @property
     def guided(self) -> bool:
@@ -462,6 +662,8 @@ class _Request:
                 "guidance_scale": self.guidance_scale, "prompts": self.prompts, "negative_prompts": self.negatives}
         if self.guidance_interval is not None:
             info["guidance_interval"] = list(self.guidance_interval)
+        if self.step_cache is not None:
+            info["step_cache"] = {"mode": self.step_cache.mode, "interval": self.step_cache.interval}
         return info
 
 

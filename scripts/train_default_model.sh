@@ -3,8 +3,9 @@
 #   synthetic data → toy VAE → stage 1 at 32px → adapt resolution → stages 2 and 2b at 64px
 #   → stage 2c (the same network fine-tuned from ε- to v-prediction) → adapt kv-compress (deep
 #   half, conv R=2) → stage 3 and its warm restarts 3b and 3c → stage 4, one long fine-tune →
-#   held-out adherence evaluation → `pixsigma ship` into pixsigma/assets/default_model (weights,
-#   VAE, model index and model card; the logs and reports stay in runs/toy).
+#   → its LCM variant (`pixsigma distill lcm`) → held-out adherence evaluation → `pixsigma ship`
+#   into pixsigma/assets/default_model (weights, the LCM variant, VAE, model index and model card;
+#   the logs and reports stay in runs/toy).
 # Every step skips what is already done and every training stage resumes (--resume), so a
 # killed run is continued by running this script again. Logs go to runs/toy/*.log.
 #   bash scripts/train_default_model.sh
@@ -46,6 +47,8 @@ done
 # stage 4: 4,000 steps at peak lr 3e-4 from the stage-3c EMA weights
 pixsigma train configs/toy/stage4_long.toml --resume 2>&1 | tee -a "$RUN/stage4.log"
 FINAL="$RUN/stage4/model.safetensors"
+# the LCM variant (`pixsigma generate --fast`): latent consistency distillation of the final model
+pixsigma distill lcm configs/toy/lcm.toml --resume --set "data.text_encoder=\"$TE\"" 2>&1 | tee -a "$RUN/lcm.log"
 # held-out adherence (240 prompts × 4 seeds; transformer in bf16 for speed): the final model at
 # 20 and 10 steps, and the model before the KV-compression stage at 20 steps
 pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$FINAL" \
@@ -57,4 +60,5 @@ pixsigma eval adherence --steps 20 --seeds 4 --dtype bf16 --transformer "$RUN/st
 
 # into the package, keeping the card of the model this recipe makes (print its table from the
 # reports above with scripts/adherence_table.py and update the card if they differ)
-pixsigma ship --vae "$RUN/vae_dec" --transformer "$FINAL" --model-card pixsigma/assets/default_model/MODEL_CARD.md
+pixsigma ship --vae "$RUN/vae_dec" --transformer "$FINAL" --variant lcm="$RUN/lcm/model.safetensors" \
+    --model-card pixsigma/assets/default_model/MODEL_CARD.md

@@ -109,8 +109,8 @@ def test_each_sampler_runs(pipe, sampler):
 def test_each_sampler_name_runs_its_own_sampler_with_its_default_steps(pipe, monkeypatch):
     """From the same latents and generator the five samplers give pairwise different latents, and
     with no step count each calls the transformer its default number of times (one batched
-    guided forward per step): the release's 20 / 25 / 100 and 50 / 30 for DDIM / Euler."""
-    defaults = {"dpm-solver": 20, "sa-solver": 25, "ddim": 50, "euler": 30, "iddpm": 100}
+    guided forward per step): the release's 20 / 25 / 100, 50 / 30 for DDIM / Euler and PixArt-LCM's 4."""
+    defaults = {"dpm-solver": 20, "sa-solver": 25, "ddim": 50, "euler": 30, "iddpm": 100, "lcm": 4}
     assert set(defaults) == set(SAMPLERS)
     lat = _noise(2)
     outs = {}

@@ -8,6 +8,8 @@ Cache layout (one folder per dataset × base resolution × VAE × text encoder):
   `{i}.mean`, `{i}.std` (the VAE posterior's mean and std, *unscaled*, at the sample's bin size)
   and `{i}.short`, `{i}.long` (text-encoder states of the valid caption tokens only), and
   `{i}.loss_mask` (1, h, w) when the sample has an object mask (its coverage of each latent cell);
+  and `{i}.control` (C, h, w) when the sample has a control image (the VAE posterior mean of the
+  control image, cropped as the picture, *unscaled*; see `load_control`);
   its metadata lists the indices present and those skipped (corrupt images).
 - `STALE` (optional): written by `pixsigma adapt vae`; names the new VAE. Training refuses a stale
   cache.
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from pixsigma.data.buckets import assign_bins
-from pixsigma.data.datasets import CaptionDataset, load_image, load_loss_mask, use_long_caption
+from pixsigma.data.datasets import CaptionDataset, load_control, load_image, load_loss_mask, use_long_caption
 from pixsigma.errors import PixsigmaError
 from pixsigma.io import as_dtype, dtype_name, write_json, write_safetensors
 from pixsigma.text import load_text_encoder
@@ -137,6 +139,7 @@ class _ShardEncoder:
     batch_size: int
     store: torch.dtype
     factor: int
+    control_type: str | None = "none"  # None: no control latents; else load_control's kind
 
     def encode(self, indices) -> tuple[dict, list[int], list[int], int]:
         """(tensors, indices encoded, indices skipped as corrupt images, loss masks stored)."""
@@ -150,6 +153,7 @@ class _ShardEncoder:
                 if not chunk:
                     continue
                 tensors.update(self._features(chunk, torch.stack(images)))
+                tensors.update(self._controls(chunk, bh, bw))
                 present.extend(chunk)
                 for i in chunk:
                     m = _try_loss_mask(self.dataset[i], bh, bw, self.factor)
@@ -171,6 +175,17 @@ class _ShardEncoder:
                 skipped.append(i)
         return chunk, images
 
+    def _controls(self, chunk: list[int], height: int, width: int) -> dict:
+        """`{i}.control`: the VAE posterior mean of each sample's control image (those that have one)."""
+        if self.control_type is None:
+            return {}
+        controls = {i: _try_control(self.dataset[i], height, width, self.control_type) for i in chunk}
+        controls = {i: c for i, c in controls.items() if c is not None}
+        if not controls:
+            return {}
+        mean, _ = vae_moments(self.vae, torch.stack(list(controls.values())))
+        return {f"{i}.control": mean[j].to(self.store).contiguous() for j, i in enumerate(controls)}
+
     def _features(self, chunk: list[int], images: torch.Tensor) -> dict:
         """VAE posterior mean/std and the valid caption tokens (short, and long where there is one)."""
         mean, std = vae_moments(self.vae, images)
@@ -191,12 +206,14 @@ class _ShardEncoder:
 def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, resolution: int, max_length: int,
                      multiple: int | None = None, shard_size: int = 256, batch_size: int = 8,
                      start: int | None = None, end: int | None = None, rank: int = 0, world_size: int = 1,
-                     dtype: str = "float32", vae_path: str = "", text_encoder_path: str = "") -> dict:
+                     dtype: str = "float32", vae_path: str = "", text_encoder_path: str = "",
+                     control_type: str | None = "none") -> dict:
     """Encode `dataset` once into `cache_dir` (see the module doc); returns a summary dict.
 
     text_encoder: a `TextEncoder`; vae: an AutoencoderKL (or a wrapper holding one). multiple: the
     bin side multiple (default 2 × the VAE factor). Shards already on disk are skipped, so a rerun
-    resumes; `start`/`end` and `rank`/`world_size` select this process's shards.
+    resumes; `start`/`end` and `rank`/`world_size` select this process's shards. control_type:
+    how control latents are made (`load_control`'s kind; None stores none).
     """
     from tqdm import tqdm
 
@@ -213,7 +230,7 @@ def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, reso
     shards = _my_shards(len(dataset), shard_size, start, end, rank, world_size)
     todo = [k for k in shards if not (cache_dir / shard_name(k)).is_file()]
     bins = assign_bins([dataset.size_of(i) for i in range(len(dataset))], resolution, multiple)
-    encoder = _ShardEncoder(dataset, text_encoder, vae, bins, max_length, batch_size, as_dtype(dtype), info["factor"])
+    encoder = _ShardEncoder(dataset, text_encoder, vae, bins, max_length, batch_size, as_dtype(dtype), info["factor"], control_type)
     summary = Counter(shards_already_done=len(shards) - len(todo))
     for k in tqdm(todo, desc="extract", unit="shard", disable=not todo):
         tensors, present, skipped, masks = encoder.encode(range(k * shard_size, min((k + 1) * shard_size, len(dataset))))
@@ -231,7 +248,7 @@ def extract_features(dataset: CaptionDataset, cache_dir, text_encoder, vae, reso
 def write_cache(cache_dir, samples: list[dict], resolution: int, vae: dict, max_length: int, shard_size: int = 256,
                 dtype: str = "float32", fingerprint: str = "synthetic") -> Path:
     """A cache from ready tensors: samples[i] = {mean, std (C, h, w), short (n, C'), long (m, C') or None,
-    optionally loss_mask (1, h, w)}.
+    optionally loss_mask (1, h, w) and control (C, h, w)}.
 
     For tests and benchmarks (no images, encoders or VAE involved); `vae` is a `vae_info` dict.
     """
@@ -242,7 +259,7 @@ def write_cache(cache_dir, samples: list[dict], resolution: int, vae: dict, max_
     for k in range(math.ceil(len(samples) / shard_size)):
         tensors, idx = {}, list(range(k * shard_size, min((k + 1) * shard_size, len(samples))))
         for i in idx:
-            for key in ("mean", "std", "short", "long", "loss_mask"):
+            for key in ("mean", "std", "short", "long", "loss_mask", "control"):
                 if samples[i].get(key) is not None:
                     tensors[f"{i}.{key}"] = samples[i][key].to(store).contiguous()
         _write_shard(cache_dir / shard_name(k), tensors, idx, [])
@@ -288,10 +305,12 @@ class FeatureCache:
         self.shape: dict[int, tuple[int, int]] = {}
         self.skipped = 0
         self.masked = 0  # samples with a loss mask
+        self.controlled = 0  # samples with a control latent
         for k in range(n_shards):
             with safe_open(str(self.dir / shard_name(k)), framework="pt") as f:
                 md = f.metadata() or {}
                 self.masked += sum(key.endswith(".loss_mask") for key in f.keys())
+                self.controlled += sum(key.endswith(".control") for key in f.keys())
                 present = json.loads(md.get("indices", "[]"))
                 self.skipped += len(json.loads(md.get("skipped", "[]")))
                 for i in present:
@@ -327,7 +346,8 @@ class FeatureCache:
     def get(self, i: int) -> dict:
         f, keys = self._shard(i)
         read = lambda name: f.get_tensor(f"{i}.{name}") if f"{i}.{name}" in keys else None  # noqa: E731
-        return {"mean": read("mean"), "std": read("std"), "short": read("short"), "long": read("long"), "loss_mask": read("loss_mask")}
+        return {"mean": read("mean"), "std": read("std"), "short": read("short"), "long": read("long"), "loss_mask": read("loss_mask"),
+                "control": read("control")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +364,23 @@ def _try_loss_mask(sample, height: int, width: int, factor: int) -> torch.Tensor
     except Exception as e:  # noqa: BLE001 - a bad mask only loses the weighting of its sample
         log.warning("unreadable loss mask %s (%s): that sample trains unweighted", sample.loss_mask, " ".join(str(e).split())[:120])
         return None
+
+
+def _try_control(sample, height: int, width: int, kind: str) -> torch.Tensor | None:
+    """The sample's control image (`load_control`), or None (none; an unreadable one is warned about)."""
+    try:
+        return load_control(sample, height, width, kind)
+    except Exception as e:  # noqa: BLE001 - a bad control image: that sample trains as if its control were dropped
+        log.warning("unreadable control image of %s (%s): that sample has no control", sample.path, " ".join(str(e).split())[:120])
+        return None
+
+
+def _stack_controls(controls: list) -> torch.Tensor | None:
+    """(B, C, h, w) control latents, zeros for samples without one; None when none has one."""
+    if all(c is None for c in controls):
+        return None
+    like = next(c for c in controls if c is not None)
+    return torch.stack([torch.zeros_like(like, dtype=torch.float32) if c is None else c.float() for c in controls])
 
 
 def _stack_loss_masks(masks: list, latents: torch.Tensor) -> torch.Tensor | None:
@@ -363,6 +400,7 @@ class CachedSource:
         self.ratio, self.seed = long_caption_ratio, seed
         self.vae = cache.vae
         self.masked = cache.masked
+        self.controlled = cache.controlled
 
     def __len__(self) -> int:
         return len(self.cache.index)
@@ -382,22 +420,25 @@ class CachedSource:
         emb, mask = pad_captions(captions, self.caption_length)
         mean = torch.stack([d["mean"].float() for d in items])
         return {"mean": mean, "std": torch.stack([d["std"].float() for d in items]), "caption": emb, "mask": mask,
-                "loss_mask": _stack_loss_masks([d["loss_mask"] for d in items], mean)}
+                "loss_mask": _stack_loss_masks([d["loss_mask"] for d in items], mean),
+                "control": _stack_controls([d["control"] for d in items])}
 
 
 class RawSource:
     """Training batches encoded on the fly: image → VAE posterior, caption → text encoder."""
 
     def __init__(self, dataset: CaptionDataset, text_encoder, vae, resolution: int, multiple: int, caption_length: int,
-                 long_caption_ratio: float, seed: int, loss_masks: bool = True):
+                 long_caption_ratio: float, seed: int, loss_masks: bool = True, control_type: str | None = None):
         self.dataset, self.text_encoder, self.vae_model = dataset, text_encoder, vae
         self.loss_masks = loss_masks  # False: skip reading mask files (a plain loss needs none)
+        self.control_type = control_type  # None: no control latents (only ControlNet training reads them)
         self.vae = vae_info(vae)
         self.caption_length = caption_length
         self.ratio, self.seed = long_caption_ratio, seed
         self.bins = assign_bins([dataset.size_of(i) for i in range(len(dataset))], resolution, multiple)
         self.factor = self.vae["factor"]
         self.masked = sum(s.loss_mask is not None for s in dataset.samples)
+        self.controlled = 0 if control_type is None else sum(s.control is not None or control_type != "none" for s in dataset.samples)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -422,7 +463,19 @@ class RawSource:
         emb, mask = self.text_encoder.encode(prompts, self.caption_length)
         valid = [_valid_tokens(e.cpu(), m.cpu()) for e, m in zip(emb, mask)]
         emb, mask = pad_captions(valid, self.caption_length)
-        return {"mean": mean.cpu(), "std": std.cpu(), "caption": emb, "mask": mask, "loss_mask": _stack_loss_masks(masks, mean)}
+        return {"mean": mean.cpu(), "std": std.cpu(), "caption": emb, "mask": mask, "loss_mask": _stack_loss_masks(masks, mean),
+                "control": self._controls(positions)}
+
+    def _controls(self, positions: list[int]) -> torch.Tensor | None:
+        """(B, C, h, w) unscaled posterior means of the control images (zeros where a sample has none), or None."""
+        if self.control_type is None:
+            return None
+        controls = [_try_control(self.dataset[i], *self.bins[i], self.control_type) for i in positions]
+        present = [c for c in controls if c is not None]
+        if not present:
+            return None
+        means = iter(vae_moments(self.vae_model, torch.stack(present))[0].cpu())
+        return _stack_controls([None if c is None else next(means) for c in controls])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +486,8 @@ class RawSource:
 def extract(dataset, cache_dir, vae, text_encoder, resolution: int, max_length: int = 300, *, layout: str = "auto",
             long_caption_key: str = "sharegpt4v", max_aspect_ratio: float = 4.0, image_root=None, patch_size: int = 2,
             shard_size: int = 256, batch_size: int = 8, start: int | None = None, end: int | None = None,
-            rank: int | None = None, world_size: int | None = None, dtype: str = "float32", device=None) -> dict:
+            rank: int | None = None, world_size: int | None = None, dtype: str = "float32", device=None,
+            control_type: str | None = "none") -> dict:
     """`pixsigma extract`: load the dataset and both encoders from their paths, then `extract_features`.
 
     dataset: data_info.json (or its folder), an image folder with .txt captions, or a .jsonl file
@@ -441,7 +495,8 @@ def extract(dataset, cache_dir, vae, text_encoder, resolution: int, max_length: 
     vae / text_encoder: their folders, or a pipeline folder with vae/, text_encoder/ and tokenizer/.
     patch_size: the transformer's patch; bins are multiples of patch × VAE factor pixels.
     rank / world_size: this process's share of the shards (default $RANK / $WORLD_SIZE, else 0 / 1).
-    device: where the encoders run (default cuda when available). Returns the summary dict.
+    device: where the encoders run (default cuda when available). control_type: how the control
+    latents of a ControlNet dataset are made (`extract_features`). Returns the summary dict.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -451,4 +506,5 @@ def extract(dataset, cache_dir, vae, text_encoder, resolution: int, max_length: 
     text = load_text_encoder(text_encoder, max_length, device=device)
     return extract_features(data, cache_dir, text, ae, int(resolution), max_length, multiple=patch_size * vae_info(ae)["factor"],
                             shard_size=shard_size, batch_size=batch_size, start=start, end=end, rank=rank,
-                            world_size=world_size, dtype=dtype, vae_path=str(vae), text_encoder_path=str(text_encoder))
+                            world_size=world_size, dtype=dtype, vae_path=str(vae), text_encoder_path=str(text_encoder),
+                            control_type=control_type)

@@ -222,12 +222,15 @@ class CaptionDataset:
         return self.samples[i]
 
 
-def _cover_crop(path: str, height: int, width: int, mode: str):
-    """Decode in `mode`, resize to cover (height, width), center-crop → float32 array in [0, 255]."""
+def _cover_crop(path, height: int, width: int, mode: str):
+    """Decode in `mode` (a path, or an already decoded PIL image), resize to cover (height, width),
+    center-crop → float32 array in [0, 255]."""
+    import contextlib
+
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
+    with (contextlib.nullcontext(path) if isinstance(path, Image.Image) else Image.open(path)) as im:
         im = im.convert(mode)
         scale = max(height / im.height, width / im.width)
         rh, rw = max(height, round(im.height * scale)), max(width, round(im.width * scale))
@@ -253,3 +256,23 @@ def load_loss_mask(path: str, height: int, width: int, factor: int):
 
     arr = torch.from_numpy(_cover_crop(path, height, width, "L").copy()) / 255.0
     return torch.nn.functional.avg_pool2d(arr[None, None].clamp(0, 1), factor)[0]
+
+
+def load_control(sample: Sample, height: int, width: int, kind: str = "none"):
+    """A sample's control image for ControlNet training, cropped as `load_image` crops its picture
+    → (3, H, W) float tensor in [-1, 1], or None when it has none.
+
+    kind (`pixsigma.data.control.CONTROL_TYPES`): "none" uses the record's control image as it is;
+    "canny" / "mask" apply that preprocessor to the record's control image, or to the picture
+    itself when the record names none."""
+    import torch
+    from PIL import Image
+
+    from pixsigma.data.control import preprocess, read_control_image
+
+    source = sample.control or (sample.path if kind != "none" else None)
+    if source is None:
+        return None
+    rgb = Image.fromarray(preprocess(read_control_image(source), kind))
+    arr = _cover_crop(rgb, height, width, "RGB") / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)

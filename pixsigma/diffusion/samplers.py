@@ -58,7 +58,19 @@ SAMPLERS = {  # name -> default number of steps
     "ddim": 50,
     "euler": 30,
     "iddpm": 100,
+    "lcm": 4,
 }
+
+# How a model records that it is a latent consistency model (its sampler is "lcm", without
+# classifier-free guidance by default): a history entry {"action": LCM_ACTION, ...} in a pixsigma
+# checkpoint's metadata, `LCM_INDEX_KEY: "lcm"` in a pipeline folder's model_index.json, or an
+# LCMScheduler in the folder's scheduler/ (as diffusers' PixArt-LCM folders ship).
+LCM_ACTION = "lcm-distill"
+LCM_INDEX_KEY = "pixsigma_distilled"
+# LCMScheduler settings of PixArt-δ's LCM: 50 DDIM timesteps of the 1000-step schedule (a skip
+# of 20), boundary-condition timestep scaling 10.
+LCM_CONFIG = {"original_inference_steps": 50, "timestep_scaling": 10.0, "timestep_spacing": "leading", "steps_offset": 0,
+              "set_alpha_to_one": True, "clip_sample": False}
 ALIASES = {"dpm": "dpm-solver", "dpmsolver": "dpm-solver", "dpm++": "dpm-solver", "dpm_solver": "dpm-solver",
            "sa": "sa-solver", "sasolver": "sa-solver", "sa_solver": "sa-solver", "ddpm": "iddpm"}
 
@@ -73,6 +85,14 @@ def resolve_sampler(name: str) -> str:
 
 def default_steps(sampler: str) -> int:
     return SAMPLERS[resolve_sampler(sampler)]
+
+
+def is_lcm_model(history=(), index: dict | None = None, scheduler_config: dict | None = None) -> bool:
+    """Whether a model records that it is a latent consistency model: a checkpoint `history` entry,
+    a model_index.json (`index`) key, or an LCMScheduler config (see LCM_ACTION)."""
+    return (any(isinstance(h, dict) and h.get("action") == LCM_ACTION for h in history or ())
+            or (index or {}).get(LCM_INDEX_KEY) == "lcm"
+            or (scheduler_config or {}).get("_class_name") == "LCMScheduler")
 
 
 def schedule_from_config(config: dict | None, prediction_type: str | None = None) -> dict:
@@ -92,9 +112,10 @@ def make_scheduler(sampler: str, scheduler_config: dict | None = None, predictio
     """A diffusers scheduler for `sampler`, on the model's schedule.
 
     scheduler_config: a pipeline folder's scheduler config (dict). Its schedule is used; for
-    "dpm-solver" a DPMSolverMultistepScheduler config is used whole.
+    "dpm-solver" a DPMSolverMultistepScheduler config is used whole, for "lcm" an LCMScheduler one.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SASolverScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                           SASolverScheduler)
 
     name = resolve_sampler(sampler)
     schedule = schedule_from_config(scheduler_config, prediction_type)
@@ -109,6 +130,10 @@ def make_scheduler(sampler: str, scheduler_config: dict | None = None, predictio
         return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     if name == "euler":
         return EulerDiscreteScheduler(**schedule, timestep_spacing="linspace")
+    if name == "lcm":
+        if scheduler_config and scheduler_config.get("_class_name") == "LCMScheduler":
+            return LCMScheduler.from_config(scheduler_config, prediction_type=schedule["prediction_type"])
+        return LCMScheduler(**schedule, **LCM_CONFIG)
     raise PixsigmaError(f"sampler {name!r} has no diffusers scheduler")
 
 
@@ -177,7 +202,10 @@ def sample(model_fn, latents: torch.Tensor, sampler: str = "dpm-solver", steps: 
         return _sample_iddpm(model_fn, latents, steps, generator, callback, scheduler_config, progress, prediction_type)
     channels = latents.shape[1]
     scheduler = make_scheduler(name, scheduler_config, prediction_type)
-    scheduler.set_timesteps(steps, device=latents.device)
+    try:
+        scheduler.set_timesteps(steps, device=latents.device)
+    except ValueError as e:  # e.g. LCM: more steps than its original_inference_steps
+        raise PixsigmaError(f"{name} cannot run {steps} steps: {' '.join(str(e).split())}") from None
     timesteps = scheduler.timesteps
     # diffusers draws a step's noise with one generator per row when given a list, the same
     # (1, ...) draws `randn` makes.

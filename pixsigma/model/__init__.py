@@ -6,6 +6,8 @@ from pixsigma.model.checkpoint import (
     load_transformer,
     save_transformer,
 )
+from pixsigma.model.controlnet import ControlNetTransformer
+from pixsigma.model.controlnet_checkpoint import load_controlnet, save_controlnet
 from pixsigma.model.transformer import (
     PRESETS,
     SMALL,

@@ -585,8 +585,12 @@ class PixArtSigmaTransformer(nn.Module):
         null = self.y_embedder.y_embedding[: caption.shape[1]].to(caption.dtype)  # (L, caption_channels)
         return torch.where(drop[:, None, None], null[None], caption)  # (B, L, caption_channels)
 
-    def prepare_caption(self, caption: torch.Tensor, caption_mask: torch.Tensor | None = None) -> CaptionContext:
+    def prepare_caption(self, caption: torch.Tensor, caption_mask: torch.Tensor | None = None,
+                        extra_blocks=()) -> CaptionContext:
         """Project the caption and compute every block's cross-attention K/V once.
+
+        `extra_blocks` (blocks outside the model, e.g. a ControlNet's copies) get their K/V
+        appended after the model's own, in order.
 
         Token columns that are padding for every sample are dropped (exact: they get zero
         weight anyway) so typical prompts attend over tens of tokens rather than 300; when the
@@ -607,7 +611,7 @@ class PixArtSigmaTransformer(nn.Module):
             if not valid.all():
                 mask = valid[:, None, None, :]  # (B, 1, 1, L)
         y = self.y_embedder.project(caption.to(self.y_embedder.y_proj.fc1.weight.dtype))  # (B, L, D)
-        kv = [block.cross_attn.caption_kv(y) for block in self.blocks]
+        kv = [block.cross_attn.caption_kv(y) for block in [*self.blocks, *extra_blocks]]
         return CaptionContext(kv=kv, mask=mask)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -626,7 +630,13 @@ class PixArtSigmaTransformer(nn.Module):
         force_drop_ids=None,
         hw_pixels=None,
         aspect_ratio=None,
+        block_hook=None,
+        step_cache=None,
     ) -> torch.Tensor:
+        """`block_hook(index, tokens, t6, context, (h, w)) -> tokens`, when given, is called before
+        each block and its result enters the block (how a ControlNet adds its residuals).
+        `step_cache` (a `pixsigma.diffusion.cache.StepCache`) may skip a range of blocks, adding
+        the range's contribution recorded at an earlier step instead."""
         p = self.config.patch_size
         b, _, height, width = x.shape
         if height % p or width % p:
@@ -647,12 +657,20 @@ class PixArtSigmaTransformer(nn.Module):
             context = self.prepare_caption(self.drop_caption(caption, force_drop_ids), caption_mask)
         if context.mask is not None and context.mask.shape[0] != b:
             raise ValueError(f"caption batch {context.mask.shape[0]} does not match latent batch {b}")
-        for block, kv in zip(self.blocks, context.kv):
+        for i, (block, kv) in enumerate(zip(self.blocks, context.kv)):
+            if block_hook is not None:
+                tokens = block_hook(i, tokens, t6, context, (h, w))
+            if step_cache is not None:
+                tokens, run = step_cache.before(i, tokens)
+                if not run:
+                    continue
             args = (tokens, t6, kv, context.mask, (h, w), self.attention_fp32)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)  # (B, N, D)
             else:
                 tokens = block(*args)  # (B, N, D)
+            if step_cache is not None:
+                step_cache.after(i, tokens)
         out = self.final_layer(tokens, t)  # (B, N, p·p·out_channels)
         return self.unpatchify(out.to(dtype), h, w)  # (B, out_channels, H·p, W·p)
 

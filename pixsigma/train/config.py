@@ -117,7 +117,8 @@ class PrecisionSection:
 
 @dataclass
 class DistributedSection:
-    strategy: str = "ddp"  # ddp | fsdp (FSDP wraps each PixArtBlock)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 shards each PixArtBlock; see pixsigma.train.distributed)
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in host memory
 
 
 @dataclass
@@ -144,6 +145,76 @@ class OutputSection:
 
 
 @dataclass
+class LoraSection:
+    """[lora]: train low-rank adapters instead of the whole model (pixsigma.model.lora); the run
+    exports RUN/lora.safetensors."""
+
+    rank: int = 16
+    alpha: float | None = None  # None: = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention"])  # attention | attention+mlp | all | module names
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: str = "gaussian"  # A's init (B starts at zero): gaussian (the official script) | kaiming
+
+
+@dataclass
+class ControlNetSection:
+    """[controlnet]: train a ControlNet-Transformer on the loaded base (pixsigma.model.controlnet);
+    only the copied blocks and projections train; the run exports RUN/controlnet.safetensors."""
+
+    num_blocks: int = 13  # copies of the base's first N blocks (13 of 28 in PixArt-δ); 1..depth-1
+    condition: str = "none"  # none (the records' control images as they are) | canny | mask (pixsigma.data.control)
+    conditioning_dropout: float = 0.1  # fraction of samples trained with the control latent zeroed
+
+
+@dataclass
+class LcmSection:
+    """[lcm]: latent consistency distillation of model.init_from (pixsigma.train.lcm); with [lora]
+    too, the student is an LCM-LoRA. Guidance is the pipeline's w (uncond + w·(cond − uncond))."""
+
+    num_ddim_timesteps: int = 50  # the teacher's DDIM solver: 50 of 1000 timesteps (a skip of 20)
+    guidance_scale: float = 4.5  # fixed w (PixArt-δ) ...
+    guidance_range: list[float] = field(default_factory=list)  # ... or [lo, hi]: w ~ U[lo, hi] per sample
+    unconditional: str = "null_caption"  # null_caption (y_embedding) | empty_prompt (needs data.text_encoder)
+    timestep_scaling: float = 10.0  # boundary scalings c_skip / c_out
+    target_decay: float = 0.95  # EMA target network (0: the student is its own target)
+    loss: str = "huber"  # huber | l2
+    huber_c: float = 0.001
+
+    def check(self) -> None:
+        if self.unconditional not in ("null_caption", "empty_prompt"):
+            raise PixsigmaError(f"lcm.unconditional = {self.unconditional!r} is not one of ['null_caption', 'empty_prompt']")
+        if self.loss not in ("huber", "l2"):
+            raise PixsigmaError(f"lcm.loss = {self.loss!r} is not one of ['huber', 'l2']")
+        if self.guidance_range and not (len(self.guidance_range) == 2 and 0 <= self.guidance_range[0] <= self.guidance_range[1]):
+            raise PixsigmaError(f"lcm.guidance_range must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_range}")
+        if not (self.guidance_scale >= 0 and 0 <= self.target_decay < 1 and self.huber_c > 0 and self.timestep_scaling > 0
+                and self.num_ddim_timesteps >= 1):
+            raise PixsigmaError("[lcm]: expected guidance_scale >= 0, 0 <= target_decay < 1, huber_c > 0, timestep_scaling > 0 "
+                                "and num_ddim_timesteps >= 1")
+
+
+@dataclass
+class IlfSection:
+    """[ilf]: Inner Loop Feedback distillation of model.init_from (pixsigma.train.ilf): a feedback
+    module at `block` trains against the frozen base's `teacher_steps`-step DPM-Solver++ run so
+    that `student_steps` steps land where it does; the run exports RUN/feedback.safetensors."""
+
+    block: int | None = None  # the backbone block whose output the module reads (None: depth // 2)
+    teacher_steps: int = 20
+    student_steps: int = 10  # must divide teacher_steps
+    guidance_scale: float = 4.5  # the guidance distilled (the unconditional branch: the null caption)
+
+    def check(self) -> None:
+        if self.teacher_steps < 1 or self.student_steps < 1 or self.teacher_steps % self.student_steps:
+            raise PixsigmaError(f"ilf.teacher_steps {self.teacher_steps} must be a positive multiple of "
+                                f"ilf.student_steps {self.student_steps}")
+        if self.guidance_scale < 0:
+            raise PixsigmaError(f"ilf.guidance_scale must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass
 class TrainConfig:
     stage: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
@@ -155,6 +226,10 @@ class TrainConfig:
     checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     output: OutputSection = field(default_factory=OutputSection)
+    lora: LoraSection | None = None  # a [lora] section: LoRA fine-tuning (pixsigma.train.task.LoraTask)
+    controlnet: ControlNetSection | None = None  # a [controlnet] section: ControlNet training (pixsigma.train.controlnet_task)
+    lcm: LcmSection | None = None  # an [lcm] section: latent consistency distillation (pixsigma.train.lcm.LcmTask)
+    ilf: IlfSection | None = None  # an [ilf] section: feedback-module distillation (pixsigma.train.ilf.IlfTask)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,6 +252,26 @@ class TrainConfig:
         one_of("precision.mixed", self.precision.mixed, ("no", "fp16", "bf16"))
         one_of("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
         one_of("checkpointing.export", self.checkpointing.export, ("ema", "model"))
+        if self.lora is not None:
+            from pixsigma.model.lora import LoraSpec
+
+            LoraSpec(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout, targets=tuple(self.lora.targets),
+                     init=self.lora.init)  # raises on a bad value
+        if self.controlnet is not None:
+            one_of("controlnet.condition", self.controlnet.condition, ("none", "canny", "mask"))
+            positive("controlnet.num_blocks", self.controlnet.num_blocks)
+            if not 0 <= self.controlnet.conditioning_dropout < 1:
+                raise PixsigmaError(f"controlnet.conditioning_dropout must be in [0, 1), got {self.controlnet.conditioning_dropout}")
+            if self.lora is not None:
+                raise PixsigmaError("a config has either a [lora] or a [controlnet] section, not both")
+        if self.ilf is not None:
+            self.ilf.check()
+            if any(getattr(self, k) is not None for k in ("lora", "controlnet", "lcm")):
+                raise PixsigmaError("an [ilf] section trains a feedback module alone; expected no [lora], [controlnet] or [lcm] beside it")
+        if self.lcm is not None:
+            self.lcm.check()
+            if self.controlnet is not None:
+                raise PixsigmaError("a config has either an [lcm] or a [controlnet] section, not both")
         positive("optim.lr", self.optim.lr)
         positive("optim.warmup_steps", self.optim.warmup_steps, True)
         one_of("optim.decay", self.optim.decay, ("constant", "cosine"))
@@ -267,6 +362,9 @@ def _build(cls, d: dict, prefix: str = ""):
         if key not in names:
             raise PixsigmaError(f"unknown config key {prefix + key!r}{_nearest(key, names)}")
         tp = hints[key]
+        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]  # an optional section (X | None)
+        if optional and value is not None:
+            tp = optional[0]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:

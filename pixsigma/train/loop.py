@@ -19,8 +19,6 @@ generator (probability `model.config.caption_dropout`, 10% by default).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
 import math
@@ -39,10 +37,15 @@ from pixsigma.data.datasets import CaptionDataset
 from pixsigma.diffusion.gaussian import GaussianDiffusion
 from pixsigma.errors import PixsigmaError
 from pixsigma.io import atomic_write, write_json, weights_hash
-from pixsigma.model.checkpoint import load_transformer, save_safetensors
+from pixsigma.model.checkpoint import load_transformer
 from pixsigma.model.transformer import PRESETS, KVCompressConfig, PixArtSigmaTransformer
 from pixsigma.train.checkpointing import latest_checkpoint, load_checkpoint, optimizer_from_files, rng_state, save_checkpoint, set_rng_state
+from pixsigma.train import distributed
 from pixsigma.train.config import TrainConfig
+from pixsigma.train.controlnet_task import controlnet_task
+from pixsigma.train.ilf import ilf_task
+from pixsigma.train.lcm import lcm_task
+from pixsigma.train.task import task_for
 from pixsigma.text import load_text_encoder
 from pixsigma.vae import autoencoder, load_autoencoder, scale_latents, vae_info
 
@@ -127,8 +130,10 @@ def object_weights(loss_mask: torch.Tensor | None, object_weight: float, margin:
 
 
 def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, generator: torch.Generator, rank: int, world: int,
-               caption_dropout: float, device, object_weight: float = 1.0, object_margin: int = 1) -> torch.Tensor:
-    """Mean hybrid loss of this rank's slice; every draw is made for the global batch."""
+               caption_dropout: float, device, object_weight: float = 1.0, object_margin: int = 1,
+               model_kwargs: dict | None = None) -> torch.Tensor:
+    """Mean hybrid loss of this rank's slice; every draw is made for the global batch. model_kwargs:
+    more inputs of the model's forward (a task's, e.g. the ControlNet's control latent)."""
     mean, std = batch["mean"], batch["std"]
     b = mean.shape[0]
     gb, sl = b * world, slice(rank * b, (rank + 1) * b)
@@ -139,7 +144,8 @@ def batch_loss(model, diffusion: GaussianDiffusion, batch: dict, vae: dict, gene
     drop = (torch.rand(gb, generator=generator) < caption_dropout)[sl]
     x0 = scale_latents(mean + std * xi, vae).to(device)
     t, noise = t.to(device), noise.to(device)
-    kwargs = {"caption": batch["caption"].to(device), "caption_mask": batch["mask"].to(device), "force_drop_ids": drop.to(device)}
+    kwargs = {"caption": batch["caption"].to(device), "caption_mask": batch["mask"].to(device), "force_drop_ids": drop.to(device),
+              **(model_kwargs or {})}
     weight = object_weights(batch.get("loss_mask"), object_weight, object_margin)
     weight = None if weight is None else weight.to(device)
     return diffusion.training_loss(model, x0, t, noise, kwargs, weight).loss.mean()
@@ -248,15 +254,9 @@ def validate(cfg: TrainConfig, model, text_encoder, vae, run_dir: Path, step: in
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    kwargs = {}
-    if cfg.distributed.strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["PixArtBlock"],
-            state_dict_type="FULL_STATE_DICT", use_orig_params=True)
+    # FSDP (distributed.strategy = fsdp) is applied by pixsigma.train.distributed, not by accelerate
     try:
-        return Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available(), **kwargs)
+        return Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available())
     except ValueError as e:
         raise PixsigmaError(f"accelerate cannot set up this run: {' '.join(str(e).split())}") from None
 
@@ -278,6 +278,7 @@ class Run:
     diffusion: GaussianDiffusion
     text_encoder: Any = None  # loaded for raw-image training only (validation needs them)
     vae: Any = None
+    task: Any = None  # pixsigma.train.task.TrainTask: what is trained, checkpointed and exported
     step: int = 0
     position: DataPosition | None = None
     metrics: Any = None  # log.jsonl, open on the main process
@@ -287,7 +288,7 @@ class Run:
 
     @property
     def fsdp(self) -> bool:
-        return self.acc.distributed_type.name == "FSDP"
+        return distributed.is_sharded(self.model)
 
 
 def _start(cfg: TrainConfig, resume: bool):
@@ -299,12 +300,6 @@ def _start(cfg: TrainConfig, resume: bool):
     if cfg.schedule.deterministic:
         torch.use_deterministic_algorithms(True)
     acc = _accelerator(cfg)
-    fsdp = acc.distributed_type.name == "FSDP"
-    if cfg.distributed.strategy == "fsdp" and not fsdp:
-        log.warning("FSDP was asked for but accelerate runs %s here (FSDP needs GPUs); training data parallel", acc.distributed_type.name)
-    if fsdp and resume:
-        raise PixsigmaError("resuming an FSDP run is not supported yet; start a new run with model.init_from = "
-                            "<run>/checkpoints/<step>/model.safetensors")
     seed = cfg.schedule.seed
     random.seed(seed)
     np.random.seed(seed)
@@ -319,8 +314,9 @@ def _make_source(cfg: TrainConfig, kind: str, data, mc, vae_factor: int, resolut
         source, text_encoder, vae = CachedSource(data, mc.max_caption_tokens, ratio, seed), None, None
     else:
         dataset, text_encoder, vae = data
+        control = cfg.controlnet.condition if getattr(cfg, "controlnet", None) is not None else None  # ControlNet training
         source = RawSource(dataset, text_encoder, vae, resolution, mc.patch_size * vae_factor, mc.max_caption_tokens, ratio, seed,
-                           loss_masks=object_weight != 1.0)
+                           loss_masks=object_weight != 1.0, control_type=control)
     if object_weight != 1.0:
         if not source.masked:
             raise PixsigmaError(f"schedule.object_loss_weight = {object_weight:g} needs object masks, but the training "
@@ -345,7 +341,8 @@ def _setup(cfg: TrainConfig, resume: bool, text_encoder, vae) -> Run:
     acc = _start(cfg, resume)
     seed = cfg.schedule.seed
     kind, data, vae_factor, resolution = _setup_data(cfg, text_encoder, vae, acc.device)
-    model = build_model(cfg, vae_factor, resolution)
+    task = controlnet_task(cfg) or ilf_task(cfg) or lcm_task(cfg) or task_for(cfg)  # what trains: the whole model, adapters, a ControlNet (pixsigma.train.task)
+    model = task.build(cfg, build_model(cfg, vae_factor, resolution))
     mc = model.config
     resolution = resolution or cfg.data.resolution or mc.sample_size * vae_factor
     if mc.sample_size * vae_factor != resolution:
@@ -359,16 +356,16 @@ def _setup(cfg: TrainConfig, resume: bool, text_encoder, vae) -> Run:
 
     model.set_runtime_options(attention_fp32=cfg.precision.attention_fp32, gradient_checkpointing=cfg.model.gradient_checkpointing)
     ema = None
-    if cfg.optim.ema_decay > 0 and acc.distributed_type.name != "FSDP":
-        ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    if cfg.optim.ema_decay > 0 and not distributed.wants_sharding(cfg.distributed.strategy, acc.num_processes):
+        ema = task.make_ema(model)
     elif cfg.optim.ema_decay > 0:
         log.warning("EMA is not kept under FSDP (weights are sharded); the exported model is the trained one")
-    model = model.to(acc.device)
-    optimizer = make_optimizer(cfg, model.parameters())
-    model, optimizer = acc.prepare(model, optimizer)
+    # the optimizer gets the task's trainable parameters of the (prepared, same) module
+    model, optimizer = distributed.prepare(acc, model, lambda _: make_optimizer(cfg, task.trainable_parameters(model)), cfg.distributed.strategy,
+                                           cfg.precision.mixed, cfg.distributed.cpu_offload)
     return Run(cfg=cfg, acc=acc, run_dir=Path(cfg.output.dir), source=source, sampler=sampler, generator=generator, model=model,
                raw_model=acc.unwrap_model(model), ema=ema, optimizer=optimizer, diffusion=_make_diffusion(cfg, mc),
-               text_encoder=text_encoder, vae=vae, position=DataPosition(sampler))
+               text_encoder=text_encoder, vae=vae, position=DataPosition(sampler), task=task)
 
 
 def _resume(run: Run) -> None:
@@ -379,9 +376,12 @@ def _resume(run: Run) -> None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run.run_dir)
         return
     ck = load_checkpoint(path, run.acc.process_index)
-    run.raw_model.load_state_dict(ck["model"])
+    if run.fsdp:
+        distributed.load_sharded(path / distributed.SHARDED, run.model, run.optimizer)
+    else:
+        run.task.load_weights(run.raw_model, ck["model"])
     if run.ema is not None and ck["ema"] is not None:
-        run.ema.load_state_dict(ck["ema"])
+        run.task.load_weights(run.ema, ck["ema"])
     if ck["optimizer"] is not None:
         run.optimizer.load_state_dict(optimizer_from_files(*ck["optimizer"], like=run.optimizer.state_dict()))
     st = ck["state"]
@@ -422,22 +422,21 @@ def _train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, float]:
     for micro in range(accum):
         epoch, positions = run.position.next()
         batch = run.source.fetch(positions, epoch)
-        with (contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)):  # sync on the last micro-batch
-            loss = batch_loss(run.model, run.diffusion, batch, run.source.vae, run.generator, acc.process_index, acc.num_processes,
-                              run.raw_model.config.caption_dropout, acc.device, cfg.schedule.object_loss_weight,
-                              cfg.schedule.object_mask_margin)
+        with distributed.gradient_sync(run.model, acc, micro == accum - 1):  # sync on the last micro-batch
+            loss = run.task.loss(run, batch, batch_loss)
             acc.backward(loss / accum)
         total += loss.detach().float() / accum
     if cfg.optim.grad_clip > 0:
-        grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+        grad_norm = acc.clip_grad_norm_(run.task.trainable_parameters(run.model), cfg.optim.grad_clip)
     else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.task.trainable_parameters(run.model), float("inf"))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None and not acc.optimizer_step_was_skipped:
-        ema_update(list(run.ema.parameters()), list(run.raw_model.parameters()), cfg.optim.ema_decay)
+        ema_update(run.task.trainable_parameters(run.ema), run.task.trainable_parameters(run.raw_model), cfg.optim.ema_decay)
+    run.task.after_step(run)
     run.step += 1
-    return total, grad_norm, lr
+    return total, distributed.total_norm(grad_norm), lr
 
 
 def _log(run: Run, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
@@ -463,24 +462,25 @@ def _checkpoint(run: Run) -> None:
     state = {"epoch": run.position.epoch, "batch_in_epoch": run.position.index, "lr": lr_at(cfg, run.step),
              "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "config": cfg.to_dict(),
              "world_size": acc.num_processes}
-    opt_state = None if run.fsdp else run.optimizer.state_dict()  # FSDP: sharded flat state, not saved (no FSDP resume yet)
-    save_checkpoint(run.run_dir, run.step, model=_model_to_save(acc, run.model, run.raw_model), ema=run.ema,
-                    optimizer_state=opt_state, state=state, rng=rng_state(run.generator), rank=acc.process_index,
-                    barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep)
+    sharded = (lambda folder: distributed.save_sharded(folder / distributed.SHARDED, run.model, run.optimizer)) if run.fsdp else None
+    save_checkpoint(run.run_dir, run.step, model=None if run.fsdp else run.raw_model, ema=run.ema,
+                    optimizer_state=None if run.fsdp else run.optimizer.state_dict(), state=state, rng=rng_state(run.generator),
+                    rank=acc.process_index, barrier=acc.wait_for_everyone, keep=cfg.checkpointing.keep, sharded=sharded,
+                    write_weights=run.task.save_weights)
 
 
 def _export(run: Run) -> Path:
     """Check that the ranks agree, write RUN/model.safetensors (EMA or trained weights) and close the run."""
     acc = run.acc
     digests = rank_digests(acc, run.raw_model)
-    export = run.run_dir / "model.safetensors"
+    export = run.run_dir / run.task.export_name
     use_ema = run.cfg.checkpointing.export == "ema" and run.ema is not None
     final = run.ema if use_ema else _model_to_save(acc, run.model, run.raw_model)
     if acc.is_main_process:
         run.metrics.write(json.dumps({"step": run.step, "rank_weight_digests": digests}) + "\n")
         if len(set(digests)) > 1:
             log.warning("ranks hold different weights at the end of training: %s", digests)
-        save_safetensors(final, export, {"pixsigma_step": str(run.step), "pixsigma_weights": "ema" if use_ema else "model"})
+        run.task.export(final, export, {"pixsigma_step": str(run.step), "pixsigma_weights": "ema" if use_ema else "model"})
         log.info("exported %s (%s weights, step %d)", export, "EMA" if use_ema else "trained", run.step)
         run.metrics.close()
         if run.writer is not None:
@@ -521,7 +521,7 @@ def train(cfg: TrainConfig, resume: bool = False, text_encoder=None, vae=None) -
 
 def rank_digests(acc, model) -> list[str]:
     """Every rank's weight hash (gathered), to check that data-parallel ranks stayed identical."""
-    if acc.distributed_type.name == "FSDP":
+    if distributed.is_sharded(model):
         return []
     digest = bytes.fromhex(weights_hash(model.state_dict(), length=32))  # 16 bytes = two int64 per rank
     local = torch.frombuffer(bytearray(digest), dtype=torch.int64).to(acc.device)
@@ -531,14 +531,7 @@ def rank_digests(acc, model) -> list[str]:
 
 def _model_to_save(acc, model, raw_model):
     """The module to write: the unwrapped model, or (FSDP) a full copy gathered onto rank 0."""
-    if acc.distributed_type.name != "FSDP":
-        return raw_model
-    sd = acc.get_state_dict(model)
-    full = PixArtSigmaTransformer(raw_model.config)
-    if acc.is_main_process:
-        full.load_state_dict(sd)
-    full.history = list(getattr(raw_model, "history", []))
-    return full
+    return distributed.gathered_model(model) if distributed.is_sharded(model) else raw_model
 
 
 def train_from_file(path, overrides=(), resume: bool = False, max_steps: int | None = None, output: str | None = None) -> Path:
