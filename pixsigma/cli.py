@@ -287,14 +287,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train or fine-tune the transformer from a TOML/YAML config")
-    p.add_argument("config", help="training config (.toml / .yaml); see configs/")
+def add_run_arguments(p) -> None:
+    """The options every command that runs the training loop takes (train, distill lcm|ilf)."""
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the output folder (with none there: a fresh start, with a warning)")
     p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
     p.add_argument("--output", default=None, help="override output.dir")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune the transformer from a TOML/YAML config")
+    p.add_argument("config", help="training config (.toml / .yaml); see configs/")
+    add_run_arguments(p)
     p.add_argument("--plan", action="store_true",
                    help="print ranks, sharding, batches and memory per GPU (world size and ranks from the environment), do not train")
     p.set_defaults(func=cmd_train)
@@ -459,10 +464,7 @@ def add_distill_lcm(kinds) -> None:
     p = kinds.add_parser("lcm", help="latent consistency distillation (PixArt-δ) of model.init_from: full weights, or an "
                                      "LCM-LoRA with a [lora] section; settings in [lcm]")
     p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the teacher")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
-    p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
-    p.add_argument("--output", default=None, help="override output.dir")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_distill_lcm)
 
 
@@ -482,10 +484,7 @@ def add_distill_ilf(kinds) -> None:
     p = kinds.add_parser("ilf", help="Inner Loop Feedback: train a feedback module on the frozen model.init_from against "
                                      "its many-step sampler; settings in [ilf]")
     p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the base")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
-    p.add_argument("--max-steps", type=int, default=None, help="override schedule.max_steps")
-    p.add_argument("--output", default=None, help="override output.dir")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key, TOML value); repeatable")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_distill_ilf)
 
 

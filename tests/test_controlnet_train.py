@@ -5,9 +5,6 @@ source the same), conditioning dropout zeroes the control of the drawn samples, 
 with load_controlnet and steers the pipeline, and a SIGKILLed run resumes bit-identically."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from pixsigma.train.config import config_from_dict
 from pixsigma.train.controlnet_task import ControlNetTask
 from pixsigma.train.loop import train
 from tests.test_model import randomized
-from tests.test_train_distributed import ENV, KILL_AT, _assert_same_end, _cli, _config
+from tests.test_train_distributed import _config, assert_kill_then_resume_is_bit_identical
 from tests.test_train_loop import VAE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -235,20 +232,7 @@ def test_kill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
     cfg = _config(tmp_path / "c.toml", cache, steps=6, every=2)
     text = cfg.read_text().replace('preset = "tiny"', f'init_from = "{base}"')
     cfg.write_text(text + "[controlnet]\nnum_blocks = 1\nconditioning_dropout = 0.3\n")
-    ref = subprocess.run(_cli("train", cfg, "--output", tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, "after", "4", "train", str(cfg), "--output", str(run)], env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (run / "controlnet.safetensors").exists()
-    resumed = subprocess.run(_cli("train", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = load_file(tmp_path / "ref" / "controlnet.safetensors"), load_file(run / "controlnet.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    (tmp_path / "ref" / "model.safetensors").symlink_to(tmp_path / "ref" / "controlnet.safetensors")
-    (run / "model.safetensors").symlink_to(run / "controlnet.safetensors")
-    _assert_same_end(tmp_path / "ref", run, 6)  # checkpoint EMA and optimizer state too, and the last losses
+    assert_kill_then_resume_is_bit_identical(tmp_path, ["train", cfg], "controlnet.safetensors", steps=6, kill_after=4)
 
 
 def test_toy_writer_names_exact_control_maps(tmp_path):

@@ -3,9 +3,6 @@ trains (the backbone stays bit-identical), checkpoints / EMA / export hold only 
 loss is the hand-computed distillation target, and a SIGKILLed run resumes bit-identically."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ from pixsigma.train.config import IlfSection, config_from_dict
 from pixsigma.train.ilf import teacher_grid
 from pixsigma.train.loop import train
 from tests.test_model import randomized
-from tests.test_train_distributed import ENV, KILL_AT, _assert_same_end, _cli
+from tests.test_train_distributed import assert_kill_then_resume_is_bit_identical, two_process_and_one_process_exports
 from tests.test_train_loop import synthetic_cache
 
 ILF = {"block": 0, "teacher_steps": 4, "student_steps": 2, "guidance_scale": 2.0}
@@ -126,39 +123,15 @@ def test_kill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, base_and
     base, cache, _ = base_and_cache
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(ilf_config(tmp_path, cache, base, steps=6, every=2)))
-    ref = subprocess.run(_cli("distill", "ilf", cfg, "--output", tmp_path / "ref"), env=ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, "after", "4", "distill", "ilf", str(cfg), "--output", str(run)],
-                            env=ENV, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (run / "feedback.safetensors").exists()
-    resumed = subprocess.run(_cli("distill", "ilf", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for d in (tmp_path / "ref", run):
-        (d / "model.safetensors").symlink_to(d / "feedback.safetensors")
-    _assert_same_end(tmp_path / "ref", run, 6)  # the module, its EMA, the optimizer state and the last losses
+    assert_kill_then_resume_is_bit_identical(tmp_path, ["distill", "ilf", cfg], "feedback.safetensors", steps=6, kill_after=4)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, base_and_cache):
-    from tests.test_train_distributed import _free_port
-
     base, cache, _ = base_and_cache
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(ilf_config(tmp_path, cache, base, steps=3, every=0)))
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "pixsigma.cli", "distill", "ilf", cfg, "--output", tmp_path / "ddp"], env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one = subprocess.run(_cli("distill", "ilf", cfg, "--output", tmp_path / "one", "--set", "schedule.batch_size=4"), env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    digests = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")][-1]["rank_weight_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    a, b = load_file(tmp_path / "ddp" / "feedback.safetensors"), load_file(tmp_path / "one" / "feedback.safetensors")
+    a, b = two_process_and_one_process_exports(tmp_path, ["distill", "ilf", cfg], "feedback.safetensors")
     assert a.keys() == b.keys() and a["feedback.scale"].abs().item() > 0
     # Adam turns float noise in the key biases' gradients (zero in exact arithmetic, see the CAME
     # section of docs/experiments.md) into small steps; everything else agrees to ~3e-6 (lr 1e-2)

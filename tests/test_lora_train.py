@@ -3,9 +3,6 @@ checkpoint, EMA and export hold only them, fp32 under bf16 autocast, a SIGKILLed
 bit-identically, and two data-parallel processes match one."""
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from pixsigma.model.transformer import TINY
 from pixsigma.train.config import config_from_dict
 from pixsigma.train.loop import train
 from tests.test_model import randomized
-from tests.test_train_distributed import ENV, KILL_AT, _assert_same_end, _cli, _config, _free_port
+from tests.test_train_distributed import _config, assert_kill_then_resume_is_bit_identical, two_process_and_one_process_exports
 from tests.test_train_loop import synthetic_cache
 
 
@@ -90,38 +87,14 @@ def lora_cli_config(tmp_path: Path, cache: Path, **extra) -> Path:
 
 @pytest.mark.slow
 def test_kill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
-    cache = synthetic_cache(tmp_path / "cache")
-    cfg = lora_cli_config(tmp_path, cache, steps=6, every=2)
-    ref = subprocess.run(_cli("train", cfg, "--output", tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, "after", "4", "train", str(cfg), "--output", str(run)], env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (run / "lora.safetensors").exists()
-    resumed = subprocess.run(_cli("train", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = load_file(tmp_path / "ref" / "lora.safetensors"), load_file(run / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    (tmp_path / "ref" / "model.safetensors").symlink_to(tmp_path / "ref" / "lora.safetensors")
-    (run / "model.safetensors").symlink_to(run / "lora.safetensors")
-    _assert_same_end(tmp_path / "ref", run, 6)  # checkpoint EMA and optimizer state too, and the last losses
+    cfg = lora_cli_config(tmp_path, synthetic_cache(tmp_path / "cache"), steps=6, every=2)
+    assert_kill_then_resume_is_bit_identical(tmp_path, ["train", cfg], "lora.safetensors", steps=6, kill_after=4)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    cache = synthetic_cache(tmp_path / "cache")
-    cfg = lora_cli_config(tmp_path, cache, optim="adamw")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "pixsigma.cli", "train", cfg, "--output", tmp_path / "ddp"], env=ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one = subprocess.run(_cli("train", cfg, "--output", tmp_path / "one", "--set", "schedule.batch_size=4"), env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    digests = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")][-1]["rank_weight_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    a, b = load_file(tmp_path / "ddp" / "lora.safetensors"), load_file(tmp_path / "one" / "lora.safetensors")
+    cfg = lora_cli_config(tmp_path, synthetic_cache(tmp_path / "cache"), optim="adamw")
+    a, b = two_process_and_one_process_exports(tmp_path, ["train", cfg], "lora.safetensors")
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

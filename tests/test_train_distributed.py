@@ -102,9 +102,9 @@ def test_two_processes_match_one(tmp_path):
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
 
 
-def _assert_same_end(ref: Path, run: Path, steps: int) -> None:
-    """The final model, EMA and optimizer state are bit-identical, and so are the last logged losses."""
-    a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+def _assert_same_end(ref: Path, run: Path, steps: int, export: str = "model.safetensors") -> None:
+    """The export, the last checkpoint's EMA and optimizer state, and the last logged losses are bit-identical."""
+    a, b = load_file(ref / export), load_file(run / export)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     final = f"checkpoints/step-{steps:08d}"
     for name in ("ema.safetensors", "optimizer.safetensors"):
@@ -112,6 +112,37 @@ def _assert_same_end(ref: Path, run: Path, steps: int) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda d: [json.loads(l)["loss"] for l in open(d / "log.jsonl") if '"loss"' in l]  # noqa: E731
     assert losses(run)[-steps // 2:] == losses(ref)[-steps // 2:]
+
+
+def _run_cli(*args) -> None:
+    res = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def assert_kill_then_resume_is_bit_identical(tmp_path: Path, command: list, export: str, steps: int, kill_after: int) -> None:
+    """`pixsigma COMMAND` run through, and again killed (SIGKILL) right after the checkpoint of
+    step `kill_after` and resumed: both runs end bit-identical (see `_assert_same_end`)."""
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    _run_cli(*command, "--output", ref)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, "after", str(kill_after), *map(str, command), "--output", str(run)],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / export).exists()
+    _run_cli(*command, "--output", run, "--resume")
+    _assert_same_end(ref, run, steps, export)
+
+
+def two_process_and_one_process_exports(tmp_path: Path, command: list, export: str) -> tuple[dict, dict]:
+    """`pixsigma COMMAND` on 2 processes (batch 2 each) and on 1 (batch 4); checks that both ranks
+    ended with identical weights and returns the two exports' tensors."""
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          "-m", "pixsigma.cli", *map(str, command), "--output", str(tmp_path / "ddp")], env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    _run_cli(*command, "--output", tmp_path / "one", "--set", "schedule.batch_size=4")
+    digests = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")][-1]["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold identical weights
+    return load_file(tmp_path / "ddp" / export), load_file(tmp_path / "one" / export)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pixsigma.errors import PixsigmaError
+from pixsigma.model.attached import AttachedToBase
 from pixsigma.model.transformer import CaptionContext, PixArtBlock, PixArtSigmaTransformer
 
 DEFAULT_NUM_BLOCKS = 13
@@ -53,7 +54,7 @@ class ControlBlock(nn.Module):
         self.after_proj = zero_linear(hidden_size)
 
 
-class ControlNetTransformer(nn.Module):
+class ControlNetTransformer(AttachedToBase):
     """`model(x, t, caption, caption_mask=None, control=None, control_scale=1.0) -> (B, out, H, W)`.
 
     x, t, caption, caption_mask: as for `PixArtSigmaTransformer`; control: the control image's
@@ -79,21 +80,9 @@ class ControlNetTransformer(nn.Module):
         """A new ControlNet on `base`: copies of its first `num_blocks` blocks, zero projections,
         the base frozen (only `trainable_parameters()` require gradients)."""
         model = cls(base, num_blocks)
-        base.requires_grad_(False)
-        model.controlnet.requires_grad_(True)
-        return model
+        return model.freeze_base(model.controlnet)
 
     # -- facts -----------------------------------------------------------------------------------
-    @property
-    def config(self):
-        return self.base_model.config
-
-    def set_runtime_options(self, **options) -> "ControlNetTransformer":
-        """The base's `set_runtime_options` (attention_fp32, gradient_checkpointing, ...); the
-        copies run under the same switches."""
-        self.base_model.set_runtime_options(**options)
-        return self
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What ControlNet training optimises: the copied blocks and the projections."""
         return list(self.controlnet.parameters())

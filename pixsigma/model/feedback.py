@@ -31,6 +31,7 @@ from torch import nn
 
 from pixsigma.errors import PixsigmaError
 from pixsigma.io import weights_hash, write_safetensors
+from pixsigma.model.attached import AttachedToBase
 from pixsigma.model.transformer import CaptionContext, PixArtBlock, PixArtSigmaTransformer
 
 FORMAT = "pixsigma-ilf-feedback"
@@ -66,7 +67,7 @@ class FeedbackModule(nn.Module):
         return tokens + self.scale.to(tokens.dtype) * (predicted - tokens)  # (B, N, D)
 
 
-class FeedbackTransformer(nn.Module):
+class FeedbackTransformer(AttachedToBase):
     """`model(x, t, caption, caption_mask=None) -> (B, out, H, W)`: the base with feedback at block k.
 
     Arguments as for `PixArtSigmaTransformer`; a prepared caption must come from this module's
@@ -82,21 +83,12 @@ class FeedbackTransformer(nn.Module):
     def from_transformer(cls, base: PixArtSigmaTransformer, block: int) -> "FeedbackTransformer":
         """A new feedback module on `base` at `block`; the base frozen, only the module trains."""
         model = cls(base, block)
-        base.requires_grad_(False)
-        model.feedback.requires_grad_(True)
-        return model
-
-    @property
-    def config(self):
-        return self.base_model.config
+        return model.freeze_base(model.feedback)
 
     @property
     def block_index(self) -> int:
         return self.feedback.index
 
-    def set_runtime_options(self, **options) -> "FeedbackTransformer":
-        self.base_model.set_runtime_options(**options)
-        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.feedback.parameters())
