@@ -450,13 +450,18 @@ def add_lora(sub) -> None:
     p.set_defaults(func=cmd_lora)
 
 
-def cmd_distill_lcm(args) -> int:
-    from pixsigma.train.lcm import lcm_overrides
+def cmd_distill(args) -> int:
+    """`pixsigma distill KIND CONFIG`: the training loop with the [KIND] section (its defaults
+    when the config has none), which picks the distillation task."""
+    from pixsigma.train.config import load_config
     from pixsigma.train.loop import train_from_file
 
-    out = train_from_file(args.config, overrides=lcm_overrides(args.config, args.set or []), resume=args.resume,
-                          max_steps=args.max_steps, output=args.output)
-    log.info("distilled model: %s", out)
+    kind = args.distillation
+    extra = list(args.set or [])
+    if getattr(load_config(args.config, extra), kind) is None:
+        extra.append(f"{kind}={{}}")
+    out = train_from_file(args.config, extra, resume=args.resume, max_steps=args.max_steps, output=args.output)
+    log.info("%s: %s", "distilled model" if kind == "lcm" else "feedback module", out)
     return 0
 
 
@@ -465,19 +470,7 @@ def add_distill_lcm(kinds) -> None:
                                      "LCM-LoRA with a [lora] section; settings in [lcm]")
     p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the teacher")
     add_run_arguments(p)
-    p.set_defaults(func=cmd_distill_lcm)
-
-
-def cmd_distill_ilf(args) -> int:
-    from pixsigma.train.config import load_config
-    from pixsigma.train.loop import train_from_file
-
-    extra = list(args.set or [])
-    if load_config(args.config, extra).ilf is None:  # the [ilf] defaults when the config has no section
-        extra.append("ilf={}")
-    out = train_from_file(args.config, extra, resume=args.resume, max_steps=args.max_steps, output=args.output)
-    log.info("feedback module: %s", out)
-    return 0
+    p.set_defaults(func=cmd_distill)
 
 
 def add_distill_ilf(kinds) -> None:
@@ -485,7 +478,7 @@ def add_distill_ilf(kinds) -> None:
                                      "its many-step sampler; settings in [ilf]")
     p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the base")
     add_run_arguments(p)
-    p.set_defaults(func=cmd_distill_ilf)
+    p.set_defaults(func=cmd_distill)
 
 
 DISTILL_COMMANDS = [add_distill_lcm, add_distill_ilf]  # each adds one `pixsigma distill KIND` parser

@@ -22,7 +22,7 @@ from pixsigma.train.controlnet_task import ControlNetTask
 from pixsigma.train.loop import train
 from tests.test_model import randomized
 from tests.test_train_distributed import _config, assert_kill_then_resume_is_bit_identical
-from tests.test_train_loop import VAE
+from tests.test_train_loop import VAE, fine_tune_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,15 +39,7 @@ def control_cache(path, n=8, seed=0):
 
 
 def cn_config(tmp_path, cache, base, **changes) -> dict:
-    d = {"model": {"init_from": str(base)}, "data": {"cache_dir": str(cache)},
-         "optim": {"name": "adamw", "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9},
-         "schedule": {"max_steps": 2, "batch_size": 2, "log_every": 1, "deterministic": True},
-         "checkpointing": {"every": 1, "keep": 2, "export": "model"}, "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
-         "controlnet": {"num_blocks": 1, "conditioning_dropout": 0.0}}
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        d.setdefault(section, {})[name] = value
-    return d
+    return fine_tune_config(tmp_path, cache, base, {"controlnet": {"num_blocks": 1, "conditioning_dropout": 0.0}}, **changes)
 
 
 @pytest.fixture(scope="module")

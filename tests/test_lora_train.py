@@ -18,19 +18,12 @@ from pixsigma.train.config import config_from_dict
 from pixsigma.train.loop import train
 from tests.test_model import randomized
 from tests.test_train_distributed import _config, assert_kill_then_resume_is_bit_identical, two_process_and_one_process_exports
-from tests.test_train_loop import synthetic_cache
+from tests.test_train_loop import fine_tune_config, synthetic_cache
 
 
 def lora_config(tmp_path, cache, base, **changes) -> dict:
-    d = {"model": {"init_from": str(base)}, "data": {"cache_dir": str(cache)},
-         "optim": {"name": "came", "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9},
-         "schedule": {"max_steps": 4, "batch_size": 2, "log_every": 1, "deterministic": True},
-         "checkpointing": {"every": 2, "keep": 2, "export": "model"}, "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
-         "lora": {"rank": 4, "alpha": 4, "targets": ["attention+mlp"]}}
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        d.setdefault(section, {})[name] = value
-    return d
+    changes = {"optim.name": "came", "schedule.max_steps": 4, "checkpointing.every": 2, **changes}
+    return fine_tune_config(tmp_path, cache, base, {"lora": {"rank": 4, "alpha": 4, "targets": ["attention+mlp"]}}, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,20 @@ from pixsigma.train.config import STAGES, config_from_dict, load_config
 VAE = {"factor": 8, "latent_channels": 4, "scaling_factor": 1.0, "shift_factor": 0.0}
 
 
+def fine_tune_config(tmp_path, cache, base, section: dict, **changes) -> dict:
+    """A short fine-tuning run of checkpoint `base` on `cache` with one extra config section
+    (e.g. {"lora": {...}}); `changes` are dotted keys ("optim.name": "came")."""
+    d = {"model": {"init_from": str(base)}, "data": {"cache_dir": str(cache)},
+         "optim": {"name": "adamw", "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9},
+         "schedule": {"max_steps": 2, "batch_size": 2, "log_every": 1, "deterministic": True},
+         "checkpointing": {"every": 1, "keep": 2, "export": "model"}, "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+         **section}
+    for key, value in changes.items():
+        group, _, name = key.partition(".")
+        d.setdefault(group, {})[name] = value
+    return d
+
+
 def synthetic_cache(path, n=8, seed=0, caption_channels=32):
     """Fixed random latents (8×8, plus a few 8×16) and captions: something to memorize."""
     g = torch.Generator().manual_seed(seed)

@@ -275,14 +275,3 @@ def _empty_prompt(cfg, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
                             "made with) to encode the empty prompt; or use \"null_caption\"")
     emb, mask = load_text_encoder(cfg.data.text_encoder, max_length=max_tokens).encode([""], max_tokens)
     return emb.float(), mask
-
-
-def lcm_overrides(path, overrides=()) -> list[str]:
-    """`pixsigma distill lcm CONFIG`'s config overrides: the given ones, plus an [lcm] section with
-    its defaults when the config has none."""
-    from pixsigma.train.config import load_config
-
-    extra = list(overrides)
-    if load_config(path, extra).lcm is None:
-        extra.append("lcm={}")
-    return extra
