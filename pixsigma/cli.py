@@ -136,6 +136,36 @@ def _load_generate_pipeline(model, device, dtype, quantize=None, text_encoder_qu
     return SigmaPipeline.from_pretrained(None, transformer=p, device=device, dtype=dtype, **q)
 
 
+def _check_generate_args(args) -> None:
+    """What only the CLI can check: flag combinations and the device (the pipeline checks the rest)."""
+    import torch
+
+    if args.num < 1:
+        raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
+    if args.size and args.ar:
+        raise PixsigmaError("give either --size WxH or --ar H:W, not both")
+    if args.lora and args.quantize:
+        raise PixsigmaError("--lora on a quantized transformer (--quantize) is not supported yet; expected one of the two")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
+
+
+def _adapter_params(args, pipe, loras) -> dict:
+    """The PNG parameters of LoRAs, quantization and control, where used."""
+    params = {}
+    if loras:
+        params["lora"] = ",".join(f"{path}:{scale:g}" for path, scale in loras)
+    quantized = getattr(pipe.transformer, "quantization", None)
+    if quantized or args.quantize_text_encoder:
+        params.update(quantize=(quantized or {}).get("mode", "none"), quantize_text_encoder=args.quantize_text_encoder or "none")
+    if args.control:
+        params.update(control=args.control, control_type=args.control_type, control_scale=args.control_scale,
+                      controlnet=args.controlnet)
+    return params
+
+
 def cmd_generate(args) -> int:
     """Generate the PNGs: image k of a prompt gets seed S + k. Each image is its own pipeline call:
     a batched row can differ from the single call in the last float bits (matmul blocking depends
@@ -150,18 +180,9 @@ def cmd_generate(args) -> int:
     from pixsigma.resolution import parse_ratio, parse_size, size_for_ratio
 
     prompts = _generate_prompts(args)
-    if args.num < 1:
-        raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
-    if args.size and args.ar:
-        raise PixsigmaError("give either --size WxH or --ar H:W, not both")
-    if args.lora and args.quantize:
-        raise PixsigmaError("--lora on a quantized transformer (--quantize) is not supported yet; expected one of the two")
+    _check_generate_args(args)
     height, width = parse_size(args.size) if args.size else (None, None)
     ratio = parse_ratio(args.ar) if args.ar else None
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PixsigmaError("--device cuda: no CUDA device is available; expected --device cpu")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     paths = _output_paths(args.output, len(prompts) * args.num)
     existing = [str(p) for p in paths if p.exists()] if not args.overwrite else []
@@ -188,14 +209,7 @@ def cmd_generate(args) -> int:
         image, info = out.images[0], out.info
         params = generation_params(prompt, args.negative, seed + index, info, image.size, pipe.name,
                                    pipe.weights_hash(), args.dtype, pixsigma.__version__)
-        if loras:
-            params["lora"] = ",".join(f"{path}:{scale:g}" for path, scale in loras)
-        quantized = getattr(pipe.transformer, "quantization", None)
-        if quantized or args.quantize_text_encoder:
-            params.update(quantize=(quantized or {}).get("mode", "none"), quantize_text_encoder=args.quantize_text_encoder or "none")
-        if args.control:
-            params.update(control=args.control, control_type=args.control_type, control_scale=args.control_scale,
-                          controlnet=args.controlnet)
+        params.update(_adapter_params(args, pipe, loras))
         save_png(image, path, params, overwrite=args.overwrite)
         log.info("wrote %s (seed %d, %dx%d)", path, seed + index, image.width, image.height)
     return 0

@@ -214,6 +214,16 @@ class IlfSection:
             raise PixsigmaError(f"ilf.guidance_scale must be >= 0, got {self.guidance_scale}")
 
 
+
+def _one_of(key: str, value, options) -> None:
+    if value not in options:
+        raise PixsigmaError(f"{key} = {value!r} is not one of {list(options)}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise PixsigmaError(f"{key} must be {'>= 0' if zero_ok else 'positive'}, got {value}")
+
 @dataclass
 class TrainConfig:
     stage: str | None = None
@@ -235,31 +245,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        def one_of(key, value, options):
-            if value not in options:
-                raise PixsigmaError(f"{key} = {value!r} is not one of {list(options)}")
+        """Check every value (one-line PixsigmaError naming the key); returns self."""
+        self._validate_choices()
+        self._validate_sections()
+        self._validate_optim()
+        self._validate_schedule_and_data()
+        return self
 
-        def positive(key, value, zero_ok=False):
-            if value < 0 or (value == 0 and not zero_ok):
-                raise PixsigmaError(f"{key} must be {'>= 0' if zero_ok else 'positive'}, got {value}")
-
+    def _validate_choices(self) -> None:
         if self.stage is not None:
-            one_of("stage", self.stage, STAGES)
+            _one_of("stage", self.stage, STAGES)
         if self.model.init_from is None:
-            one_of("model.preset", self.model.preset, PRESETS)
-        one_of("data.layout", self.data.layout, ("auto", "data_info", "folder", "jsonl"))
-        one_of("optim.name", self.optim.name, ("came", "adamw"))
-        one_of("precision.mixed", self.precision.mixed, ("no", "fp16", "bf16"))
-        one_of("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
-        one_of("checkpointing.export", self.checkpointing.export, ("ema", "model"))
+            _one_of("model.preset", self.model.preset, PRESETS)
+        _one_of("data.layout", self.data.layout, ("auto", "data_info", "folder", "jsonl"))
+        _one_of("optim.name", self.optim.name, ("came", "adamw"))
+        _one_of("precision.mixed", self.precision.mixed, ("no", "fp16", "bf16"))
+        _one_of("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
+        _one_of("checkpointing.export", self.checkpointing.export, ("ema", "model"))
+
+    def _validate_sections(self) -> None:
+        """The task sections ([lora], [controlnet], [ilf], [lcm]) and which may stand together."""
         if self.lora is not None:
             from pixsigma.model.lora import LoraSpec
 
             LoraSpec(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout, targets=tuple(self.lora.targets),
                      init=self.lora.init)  # raises on a bad value
         if self.controlnet is not None:
-            one_of("controlnet.condition", self.controlnet.condition, ("none", "canny", "mask"))
-            positive("controlnet.num_blocks", self.controlnet.num_blocks)
+            _one_of("controlnet.condition", self.controlnet.condition, ("none", "canny", "mask"))
+            _positive("controlnet.num_blocks", self.controlnet.num_blocks)
             if not 0 <= self.controlnet.conditioning_dropout < 1:
                 raise PixsigmaError(f"controlnet.conditioning_dropout must be in [0, 1), got {self.controlnet.conditioning_dropout}")
             if self.lora is not None:
@@ -272,33 +285,38 @@ class TrainConfig:
             self.lcm.check()
             if self.controlnet is not None:
                 raise PixsigmaError("a config has either an [lcm] or a [controlnet] section, not both")
-        positive("optim.lr", self.optim.lr)
-        positive("optim.warmup_steps", self.optim.warmup_steps, True)
-        one_of("optim.decay", self.optim.decay, ("constant", "cosine"))
-        if not 0 <= self.optim.min_lr <= self.optim.lr:
-            raise PixsigmaError(f"optim.min_lr must be in [0, optim.lr = {self.optim.lr}], got {self.optim.min_lr}")
-        positive("optim.grad_clip", self.optim.grad_clip, True)
-        if not 0 <= self.optim.ema_decay < 1:
-            raise PixsigmaError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
-        if len(self.optim.betas) not in (2, 3) or len(self.optim.eps) not in (1, 2):
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        _positive("optim.lr", o.lr)
+        _positive("optim.warmup_steps", o.warmup_steps, True)
+        _one_of("optim.decay", o.decay, ("constant", "cosine"))
+        if not 0 <= o.min_lr <= o.lr:
+            raise PixsigmaError(f"optim.min_lr must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
+        _positive("optim.grad_clip", o.grad_clip, True)
+        if not 0 <= o.ema_decay < 1:
+            raise PixsigmaError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+        if len(o.betas) not in (2, 3) or len(o.eps) not in (1, 2):
             raise PixsigmaError("optim.betas needs 2 (AdamW) or 3 (CAME) values and optim.eps 1 or 2")
-        one_of("schedule.timestep_sampling", self.schedule.timestep_sampling, TIMESTEP_SAMPLINGS)
-        positive("schedule.timestep_logit_std", self.schedule.timestep_logit_std)
-        if self.schedule.object_loss_weight < 1:
-            raise PixsigmaError(f"schedule.object_loss_weight must be >= 1 (1 = plain loss), got {self.schedule.object_loss_weight}")
-        positive("schedule.object_mask_margin", self.schedule.object_mask_margin, True)
+
+    def _validate_schedule_and_data(self) -> None:
+        s, d = self.schedule, self.data
+        _one_of("schedule.timestep_sampling", s.timestep_sampling, TIMESTEP_SAMPLINGS)
+        _positive("schedule.timestep_logit_std", s.timestep_logit_std)
+        if s.object_loss_weight < 1:
+            raise PixsigmaError(f"schedule.object_loss_weight must be >= 1 (1 = plain loss), got {s.object_loss_weight}")
+        _positive("schedule.object_mask_margin", s.object_mask_margin, True)
         for key in ("max_steps", "batch_size", "grad_accum", "num_timesteps", "log_every"):
-            positive(f"schedule.{key}", getattr(self.schedule, key))
-        positive("checkpointing.every", self.checkpointing.every, True)
-        positive("checkpointing.keep", self.checkpointing.keep)
-        positive("validation.every", self.validation.every, True)
-        if not 0 <= self.data.long_caption_ratio <= 1:
-            raise PixsigmaError(f"data.long_caption_ratio must be in [0, 1], got {self.data.long_caption_ratio}")
-        if self.data.resolution is not None:
-            positive("data.resolution", self.data.resolution)
-        if self.data.path is None and self.data.cache_dir is None:
+            _positive(f"schedule.{key}", getattr(s, key))
+        _positive("checkpointing.every", self.checkpointing.every, True)
+        _positive("checkpointing.keep", self.checkpointing.keep)
+        _positive("validation.every", self.validation.every, True)
+        if not 0 <= d.long_caption_ratio <= 1:
+            raise PixsigmaError(f"data.long_caption_ratio must be in [0, 1], got {d.long_caption_ratio}")
+        if d.resolution is not None:
+            _positive("data.resolution", d.resolution)
+        if d.path is None and d.cache_dir is None:
             raise PixsigmaError("no training data: set data.path (and/or data.cache_dir)")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
