@@ -19,6 +19,7 @@ generator (probability `model.config.caption_dropout`, 10% by default).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -486,6 +487,11 @@ def _export(run: Run) -> Path:
         if run.writer is not None:
             run.writer.close()
     acc.wait_for_everyone()
+    # Free the DDP wrapper (its reducer holds the process group) before the group is destroyed:
+    # a gloo group released by a reducer after destroy_process_group can deadlock in its destructor.
+    run.model = run.optimizer = None
+    acc.free_memory()
+    gc.collect()
     acc.end_training()
     return export
 
