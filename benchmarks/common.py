@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -10,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pixsigma.io import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,10 +72,6 @@ def _fmt(v) -> str:
 
 
 def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
-    os.replace(tmp, path)
+    path = write_json(RESULTS / f"{name}.json", {"machine": machine(), **payload})
     print(f"saved {path}")
     return path
