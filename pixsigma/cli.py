@@ -597,6 +597,8 @@ def cmd_serve(args) -> int:
     pipe = _load_generate_pipeline(args.model, args.device, args.dtype)
     for path in args.lora or []:  # off (scale 0) until a request names it
         pipe.load_lora_weights(path, adapter_name=Path(path).stem, scale=0.0)
+    if args.controlnet:  # used by requests that carry a control_image
+        pipe.set_controlnet(args.controlnet)
     run_server(pipe, config)
     return 0
 
@@ -617,6 +619,8 @@ def add_serve(sub) -> None:
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
     p.add_argument("--lora", action="append", metavar="PATH",
                    help="load a LoRA that requests may use by its file name's stem, {\"lora\": {\"STEM\": scale}}; repeatable")
+    p.add_argument("--controlnet", default=None, metavar="PATH",
+                   help="load a ControlNet for the model; requests may then send a control_image (see docs/serving.md)")
     p.set_defaults(func=cmd_serve)
 
 

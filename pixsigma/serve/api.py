@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): OpenAI's images shape on one pipeline, behind one worker.
 
     POST /v1/images/generations   {prompt, n, size "WxH", response_format "b64_json" | "url",
-                                   negative_prompt, steps, guidance_scale, seed, sampler, lora, stream}
+                                   negative_prompt, steps, guidance_scale, seed, sampler, lora, stream,
+                                   control_image, control_type, control_scale}
     GET  /v1/images/{id}.png      an image returned as a "url"
     GET  /v1/models               the served model
     GET  /health                  the model and the queue
@@ -38,6 +39,7 @@ from starlette.routing import Match
 from pixsigma.errors import PixsigmaError
 from pixsigma.resolution import parse_size
 from pixsigma.serve.config import ServeConfig
+from pixsigma.serve.control import MAX_CONTROL_BYTES, check_control, check_control_type, controlnet_hash
 from pixsigma.serve.generate import GenerationRequest, check_request, generate, loaded_adapters
 from pixsigma.serve.queue import CANCELLED, DONE, TIMED_OUT, Job, JobQueue, QueueFull
 
@@ -65,6 +67,9 @@ class ImageRequest(BaseModel):
     sampler: str = "dpm-solver"
     lora: dict[str, float] | None = None  # {adapter name: scale} among GET /v1/models' "loras"
     stream: bool = False
+    control_image: str | None = None  # base64 PNG/JPEG (or a data: URL), for the server's --controlnet
+    control_type: str = "none"  # none | canny | mask: the preprocessor of the control image
+    control_scale: float = 1.0  # the ControlNet conditioning scale
 
 
 class ApiError(Exception):
@@ -129,14 +134,20 @@ class Service:
         self.queue = JobQueue(lambda job: generate(pipe, job, config), config.max_queue)
         self.images = ImageStore(config.keep_images)
         self.started = int(time.time())
+        self.controlnet = controlnet_hash(pipe)  # None: requests with a control image get 400
+        self.body_limit = MAX_BODY_BYTES + (MAX_CONTROL_BYTES * 4 // 3 if self.controlnet else 0)
 
     def check(self, body: ImageRequest) -> GenerationRequest:
         if body.model is not None and body.model not in (self.pipe.name, "pixsigma"):
             raise ApiError(400, f"model {body.model!r} is not served here; expected {self.pipe.name!r}", param="model")
         height, width = self.parse_size(body.size) if body.size is not None else (None, None)
+        check_control_type(body.control_type)
+        control = None
+        if body.control_image is not None:
+            control = check_control(body.control_image, body.control_type, body.control_scale, self.controlnet)
         return check_request(self.config, self.pipe.resolution, body.prompt, body.negative_prompt, body.n, height,
                              width, body.steps, body.guidance_scale, body.sampler, body.seed, body.lora,
-                             loaded_adapters(self.pipe))
+                             loaded_adapters(self.pipe), control)
 
     def parse_size(self, size: str) -> tuple[int, int]:
         """(height, width) from "WxH"; the range in the message is this server's."""
@@ -202,15 +213,15 @@ def _auth_dependency(config: ServeConfig):
     return check_key
 
 
-async def _read_body(request: Request) -> ImageRequest:
-    """The JSON body, size-limited, parsed and validated with one-line errors."""
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> ImageRequest:
+    """The JSON body, at most `limit` bytes, parsed and validated with one-line errors."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise ApiError(413, f"the request body is larger than {limit} bytes")
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -274,7 +285,7 @@ def _routes(service: Service) -> APIRouter:
 
     @router.post("/v1/images/generations", openapi_extra=schema)
     async def images_generations(request: Request):
-        body = await _read_body(request)
+        body = await _read_body(request, service.body_limit)
         job = service.submit(service.check(body))
         if body.stream:
             return _stream(service, job, body, request)
@@ -293,7 +304,8 @@ def _routes(service: Service) -> APIRouter:
     async def models():
         return {"object": "list", "data": [{"id": service.pipe.name, "object": "model", "created": service.started,
                                             "owned_by": "pixsigma", "hash": service.pipe.weights_hash(),
-                                            "loras": list(loaded_adapters(service.pipe))}]}
+                                            "loras": list(loaded_adapters(service.pipe)),
+                                            "controlnet": service.controlnet}]}
 
     @router.get("/health")
     async def health():

@@ -20,7 +20,8 @@ from pixsigma.model.lora import lora_state
 from pixsigma.pipeline import check_guidance_scale
 from pixsigma.pngmeta import generation_params, png_bytes
 from pixsigma.serve.config import ServeConfig
-from pixsigma.serve.queue import Job
+from pixsigma.serve.control import ControlInput
+from pixsigma.serve.queue import Job, Progress
 
 MAX_SEED = 2**63 - 1
 
@@ -40,8 +41,9 @@ class GenerationRequest:
     sampler: str
     seed: int
     lora: tuple[tuple[str, float], ...] = ()  # (adapter name, scale) among the server's loaded LoRAs
-    # New pipeline options (a control image) go here, in `check_request` and in `_pipeline_kwargs`,
-    # and in the API's request model and the UI's controls.
+    control: ControlInput | None = None  # a control image for the server's ControlNet (serve.control)
+    # New pipeline options go here, in `check_request` and in `_pipeline_kwargs`, and in the API's
+    # request model and the UI's controls.
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,11 @@ class GeneratedImage:
 def check_request(config: ServeConfig, resolution: int, prompt: str, negative_prompt: str = "", n: int = 1,
                   height: int | None = None, width: int | None = None, steps: int | None = None,
                   guidance_scale: float = 4.5, sampler: str = "dpm-solver", seed: int | None = None,
-                  lora: dict[str, float] | None = None, adapters: tuple[str, ...] = ()) -> GenerationRequest:
+                  lora: dict[str, float] | None = None, adapters: tuple[str, ...] = (),
+                  control: ControlInput | None = None) -> GenerationRequest:
     """Every field checked against the server's limits; a one-line PixsigmaError naming the bad one.
-    A missing seed is drawn at random; `lora` names adapters among `adapters` (the loaded ones)."""
+    A missing seed is drawn at random; `lora` names adapters among `adapters` (the loaded ones);
+    `control` is already checked (`serve.control.check_control`)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise PixsigmaError("prompt is empty; expected a text description of the image")
     if len(prompt) > config.max_prompt_chars or len(negative_prompt) > config.max_prompt_chars:
@@ -83,7 +87,7 @@ def check_request(config: ServeConfig, resolution: int, prompt: str, negative_pr
         raise PixsigmaError(f"seed {seed} is out of range; expected 0..{MAX_SEED - n}")
     return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, n=n, height=height, width=width,
                              steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-                             lora=check_lora(lora or {}, adapters))
+                             lora=check_lora(lora or {}, adapters), control=control)
 
 
 def check_lora(lora: dict[str, float], adapters: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -113,22 +117,26 @@ def _set_lora(pipe, req: GenerationRequest) -> None:
 
 def _pipeline_kwargs(req: GenerationRequest) -> dict:
     """The request's pipeline arguments other than the generator and callback."""
-    return dict(negative_prompt=req.negative_prompt, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                height=req.height, width=req.width, sampler=req.sampler, output_type="pil")
+    kwargs = dict(negative_prompt=req.negative_prompt, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                  height=req.height, width=req.width, sampler=req.sampler, output_type="pil")
+    if req.control is not None:
+        kwargs.update(req.control.pipeline_kwargs())
+    return kwargs
 
 
 def generate(pipe, job: Job, config: ServeConfig) -> list[GeneratedImage]:
     """Run `job.request` on the pipeline, one call per image; progress goes to `job.progress`, and
-    `job.check()` runs after every step, so a cancelled or timed-out job stops there."""
+    `job.check()` runs after every step, so a cancelled or timed-out job stops there. Progress is
+    replaced whole, never changed in place, so a reader on another thread sees a consistent one."""
     req: GenerationRequest = job.request
-    job.progress.images, job.progress.steps = req.n, req.steps
+    job.progress = Progress(image=0, images=req.n, step=0, steps=req.steps)
     _set_lora(pipe, req)
     images = []
     for k in range(req.n):
-        job.progress.image, job.progress.step = k, 0
+        job.progress = Progress(image=k, images=req.n, step=0, steps=req.steps)
 
-        def on_step(index, timestep, latents):
-            job.progress.step = min(req.steps, index + 1)
+        def on_step(index, timestep, latents, k=k):
+            job.progress = Progress(image=k, images=req.n, step=min(req.steps, index + 1), steps=req.steps)
             job.check()
 
         out = pipe(req.prompt, generator=torch.Generator("cpu").manual_seed(req.seed + k), callback=on_step,
@@ -138,6 +146,8 @@ def generate(pipe, job: Job, config: ServeConfig) -> list[GeneratedImage]:
                                    pipe.weights_hash(), config.dtype, config.version)
         if req.lora:
             params["lora"] = ",".join(f"{name}:{scale:g}" for name, scale in req.lora)
+        if req.control is not None:
+            params.update(req.control.params())
         images.append(GeneratedImage(png=png_bytes(image, params), seed=req.seed + k, width=image.width,
                                      height=image.height, params=params))
         job.check()

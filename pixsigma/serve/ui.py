@@ -1,7 +1,8 @@
 """The web UI: a Gradio page at / of the API's app, sharing its pipeline and its queue.
 
 Controls: prompt, negative prompt, size (the model's aspect-ratio bins), steps, guidance, sampler,
-seed (or a random one) and the number of images; the output is a gallery of the PNGs, which
+seed (or a random one) and the number of images, and with a ControlNet loaded (`--controlnet`)
+an optional control image, its preprocessor and scale; the output is a gallery of the PNGs, which
 carry their parameters, and the same files to download. A UI request is checked by the same
 `check_request` and waits in the same line as the API's requests. With an API key the page asks
 for it (any user name) before it shows, so the UI is no way around the key.
@@ -20,6 +21,8 @@ from pathlib import Path
 from pixsigma.diffusion.samplers import SAMPLERS
 from pixsigma.errors import PixsigmaError
 from pixsigma.resolution import aspect_ratio_bins
+from pixsigma.data.control import CONTROL_TYPES
+from pixsigma.serve.control import check_control
 from pixsigma.serve.generate import check_request, loaded_adapters
 from pixsigma.serve.queue import CANCELLED, DONE, TIMED_OUT, QueueFull
 
@@ -102,12 +105,16 @@ def build_ui(service):
 
     adapters = loaded_adapters(pipe)
 
-    def run(prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora, progress=gr.Progress()):
+    def run(prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora, control_image=None,
+            control_type="none", control_scale=1.0, progress=gr.Progress()):
         height, width = bins.get(ratio, bins[square])
         try:
+            control = None
+            if control_image is not None:
+                control = check_control(control_image, control_type or "none", control_scale, service.controlnet)
             req = check_request(config, pipe.resolution, prompt, negative or "", int(n), height, width, int(steps),
                                 float(guidance), sampler, None if random_seed else int(seed), parse_lora(lora),
-                                adapters)
+                                adapters, control)
         except PixsigmaError as e:
             raise gr.Error(str(e)) from None
         images = _run_job(service, req, progress)
@@ -135,6 +142,15 @@ def build_ui(service):
                     random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
                 lora = gr.Textbox(label=f"LoRA: NAME:SCALE, ... (loaded: {', '.join(adapters)})", elem_id="lora",
                                   visible=bool(adapters))
+                with gr.Group(visible=service.controlnet is not None):
+                    control_image = gr.Image(label=f"Control image (optional; ControlNet {service.controlnet})",
+                                             type="pil", image_mode=None, sources=["upload", "clipboard"],
+                                             elem_id="control-image")
+                    with gr.Row():
+                        control_type = gr.Dropdown(list(CONTROL_TYPES), value="none", elem_id="control-type",
+                                                   label="Control type (none: as is, canny: edges, mask: grayscale)")
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale",
+                                                  elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery",
@@ -142,7 +158,8 @@ def build_ui(service):
                 files = gr.File(label="PNG files (with their generation parameters)", file_count="multiple",
                                 elem_id="files")
                 status = gr.Markdown(elem_id="status")
-        inputs = [prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora]
+        inputs = [prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora, control_image,
+                  control_type, control_scale]
         button.click(run, inputs, [gallery, files, status, seed], api_name="generate", concurrency_limit=None)
         prompt.submit(run, inputs, [gallery, files, status, seed], api_name=False, concurrency_limit=None)
     demo.outputs_dir = outputs.dir
