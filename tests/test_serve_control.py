@@ -18,29 +18,14 @@ from PIL import Image
 from pixsigma import cli
 from pixsigma.io import weights_hash
 from pixsigma.model.controlnet import ControlNetTransformer
-from pixsigma.model.controlnet_checkpoint import save_controlnet
 from pixsigma.pipeline import SigmaPipeline
 from pixsigma.serve import ServeConfig, create_app
-from tests.test_controlnet import randomize_controlnet
-from tests.tiny_components import build_pipeline_folder
+from tests.test_controlnet_pipeline import controlnet_file, folder  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPT = "a red square"
 BODY = {"prompt": PROMPT, "steps": 3, "seed": 5, "guidance_scale": 3.0, "sampler": "dpm-solver"}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_pipeline_folder(tmp_path_factory.mktemp("pipe") / "p")
-
-
-@pytest.fixture(scope="module")
-def controlnet_file(folder, tmp_path_factory):
-    base = SigmaPipeline.from_pretrained(folder).transformer
-    path = tmp_path_factory.mktemp("cn") / "control.safetensors"
-    save_controlnet(randomize_controlnet(ControlNetTransformer.from_transformer(base, 1), seed=3), path)
-    return path
 
 
 @pytest.fixture(scope="module")

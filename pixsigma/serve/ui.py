@@ -93,6 +93,21 @@ def _run_job(service, req, progress):
     return job.result
 
 
+def _control_inputs(controlnet: str | None):
+    """The control image (kept as uploaded: no mode conversion), its type and scale; shown only
+    when the server has a ControlNet (`controlnet`, its hash)."""
+    import gradio as gr
+
+    with gr.Group(visible=controlnet is not None):
+        image = gr.Image(label=f"Control image (optional; ControlNet {controlnet})", type="pil", image_mode=None,
+                         sources=["upload", "clipboard"], elem_id="control-image")
+        with gr.Row():
+            kind = gr.Dropdown(list(CONTROL_TYPES), value="none", elem_id="control-type",
+                               label="Control type (none: as is, canny: edges, mask: grayscale)")
+            scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale", elem_id="control-scale")
+    return image, kind, scale
+
+
 def build_ui(service):
     """The Gradio Blocks page for `service` (an api.Service)."""
     import gradio as gr
@@ -142,15 +157,7 @@ def build_ui(service):
                     random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
                 lora = gr.Textbox(label=f"LoRA: NAME:SCALE, ... (loaded: {', '.join(adapters)})", elem_id="lora",
                                   visible=bool(adapters))
-                with gr.Group(visible=service.controlnet is not None):
-                    control_image = gr.Image(label=f"Control image (optional; ControlNet {service.controlnet})",
-                                             type="pil", image_mode=None, sources=["upload", "clipboard"],
-                                             elem_id="control-image")
-                    with gr.Row():
-                        control_type = gr.Dropdown(list(CONTROL_TYPES), value="none", elem_id="control-type",
-                                                   label="Control type (none: as is, canny: edges, mask: grayscale)")
-                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale",
-                                                  elem_id="control-scale")
+                control_image, control_type, control_scale = _control_inputs(service.controlnet)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery",
