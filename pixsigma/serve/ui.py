@@ -108,6 +108,27 @@ def _control_inputs(controlnet: str | None):
     return image, kind, scale
 
 
+def _settings_inputs(gr, config, choices, square, adapters, controlnet) -> list:
+    """The page's generation settings, in the order `build_ui`'s `run` takes them."""
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a red circle at the top left")
+    negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+    ratio = gr.Dropdown(choices, value=square, label="Size (aspect-ratio bins of the model)", elem_id="size")
+    with gr.Row():
+        steps = gr.Slider(1, config.max_steps, value=20, step=1, label="Steps", elem_id="steps")
+        guidance = gr.Slider(0, min(20.0, config.max_guidance), value=4.5, step=0.1, label="Guidance scale")
+    with gr.Row():
+        sampler = gr.Dropdown(list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="sampler")
+        n = gr.Slider(1, config.max_images, value=1, step=1, label="Images")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+        random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
+    lora = gr.Textbox(label=f"LoRA: NAME:SCALE, ... (loaded: {', '.join(adapters)})", elem_id="lora",
+                      visible=bool(adapters))
+    control_image, control_type, control_scale = _control_inputs(controlnet)
+    return [prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora, control_image, control_type,
+            control_scale]
+
+
 def build_ui(service):
     """The Gradio Blocks page for `service` (an api.Service)."""
     import gradio as gr
@@ -143,21 +164,7 @@ def build_ui(service):
         gr.Markdown(f"## pixsigma: text to image\nModel **{pipe.name}** ({pipe.resolution}px, weights {pipe.weights_hash()})")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a red circle at the top left")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                ratio = gr.Dropdown(choices, value=square, label="Size (aspect-ratio bins of the model)", elem_id="size")
-                with gr.Row():
-                    steps = gr.Slider(1, config.max_steps, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, min(20.0, config.max_guidance), value=4.5, step=0.1, label="Guidance scale")
-                with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="sampler")
-                    n = gr.Slider(1, config.max_images, value=1, step=1, label="Images")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
-                lora = gr.Textbox(label=f"LoRA: NAME:SCALE, ... (loaded: {', '.join(adapters)})", elem_id="lora",
-                                  visible=bool(adapters))
-                control_image, control_type, control_scale = _control_inputs(service.controlnet)
+                inputs = _settings_inputs(gr, config, choices, square, adapters, service.controlnet)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery",
@@ -165,8 +172,7 @@ def build_ui(service):
                 files = gr.File(label="PNG files (with their generation parameters)", file_count="multiple",
                                 elem_id="files")
                 status = gr.Markdown(elem_id="status")
-        inputs = [prompt, negative, ratio, steps, guidance, sampler, seed, random_seed, n, lora, control_image,
-                  control_type, control_scale]
+        prompt, seed = inputs[0], inputs[6]
         button.click(run, inputs, [gallery, files, status, seed], api_name="generate", concurrency_limit=None)
         prompt.submit(run, inputs, [gallery, files, status, seed], api_name=False, concurrency_limit=None)
     demo.outputs_dir = outputs.dir
