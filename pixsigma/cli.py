@@ -479,30 +479,23 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def add_distill_lcm(kinds) -> None:
-    p = kinds.add_parser("lcm", help="latent consistency distillation (PixArt-δ) of model.init_from: full weights, or an "
-                                     "LCM-LoRA with a [lora] section; settings in [lcm]")
-    p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the teacher")
-    add_run_arguments(p)
-    p.set_defaults(func=cmd_distill)
-
-
-def add_distill_ilf(kinds) -> None:
-    p = kinds.add_parser("ilf", help="Inner Loop Feedback: train a feedback module on the frozen model.init_from against "
-                                     "its many-step sampler; settings in [ilf]")
-    p.add_argument("config", help="training config (.toml / .yaml) with model.init_from = the base")
-    add_run_arguments(p)
-    p.set_defaults(func=cmd_distill)
-
-
-DISTILL_COMMANDS = [add_distill_lcm, add_distill_ilf]  # each adds one `pixsigma distill KIND` parser
+# pixsigma distill KIND: (what it trains, what model.init_from names)
+DISTILLATIONS = {
+    "lcm": ("latent consistency distillation (PixArt-δ) of model.init_from: full weights, or an LCM-LoRA with a "
+            "[lora] section; settings in [lcm]", "the teacher"),
+    "ilf": ("Inner Loop Feedback: train a feedback module on the frozen model.init_from against its many-step "
+            "sampler; settings in [ilf]", "the base"),
+}
 
 
 def add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distil a model into a faster one through the training loop")
     kinds = p.add_subparsers(dest="distillation", required=True)
-    for add in DISTILL_COMMANDS:
-        add(kinds)
+    for kind, (help_text, base) in DISTILLATIONS.items():
+        q = kinds.add_parser(kind, help=help_text)
+        q.add_argument("config", help=f"training config (.toml / .yaml) with model.init_from = {base}")
+        add_run_arguments(q)
+        q.set_defaults(func=cmd_distill)
 
 
 TRAIN_COMMANDS = (add_train, add_extract, add_adapt, add_lora, add_distill)

@@ -4,9 +4,6 @@ sample with "lcm" and no guidance by default, a folder's `transformer_lcm/` is i
 a SIGKILLed run bit-identically."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from pixsigma.pngmeta import read_png_params
 from pixsigma.train.config import LcmSection
 from pixsigma.train.lcm import LcmTask
 from pixsigma.train.task import FullTask
-from tests.test_train_distributed import ENV, KILL_AT, _cli, _config
+from tests.test_train_distributed import _config, _run_cli, assert_kill_then_resume_is_bit_identical
 from tests.test_train_loop import synthetic_cache
 from tests.tiny_components import build_pipeline_folder
 
@@ -64,24 +61,13 @@ def test_generate_fast_uses_the_lcm_variant(folder, tmp_path, single_thread):
 def test_distill_lcm_killed_after_a_checkpoint_resumes_bit_identically(tmp_path):
     cache = synthetic_cache(tmp_path / "cache")
     teacher = _config(tmp_path / "t.toml", cache, steps=2, every=0)
-    ok = subprocess.run(_cli("train", teacher, "--output", tmp_path / "teacher"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    _run_cli("train", teacher, "--output", tmp_path / "teacher")
     cfg = _config(tmp_path / "c.toml", cache, optim="adamw", steps=6, every=2)  # no [lcm] section: distill lcm's defaults
     cfg.write_text(cfg.read_text().replace('preset = "tiny"', f'init_from = "{tmp_path / "teacher" / "model.safetensors"}"'))
-    ref = subprocess.run(_cli("distill", "lcm", cfg, "--output", tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert_kill_then_resume_is_bit_identical(tmp_path, ["distill", "lcm", cfg], "model.safetensors", steps=6, kill_after=4)
     run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, "after", "4", "distill", "lcm", str(cfg), "--output", str(run)], env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (run / "model.safetensors").exists()
-    resumed = subprocess.run(_cli("distill", "lcm", cfg, "--output", run, "--resume"), env=ENV, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for name in ("model.safetensors", "checkpoints/step-00000006/model.safetensors", "checkpoints/step-00000006/ema.safetensors",
-                 "checkpoints/step-00000006/optimizer.safetensors"):
-        a, b = load_file(tmp_path / "ref" / name), load_file(run / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (load_file(d / "checkpoints/step-00000006/model.safetensors") for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the target network too
     assert any(k.startswith("lcm_target.") for k in load_file(run / "checkpoints/step-00000006/model.safetensors"))
     assert load_transformer(run / "model.safetensors").history[-1]["action"] == "lcm-distill"
 
