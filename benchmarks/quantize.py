@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, print_table  # noqa: E402
+from common import RESULTS, interleaved_times, machine, print_table  # noqa: E402
 
 from pixsigma.model.quantize import (  # noqa: E402
     NAIVE_W4A4, SVDQuantConfig, SVDQuantLinear, collect_activation_amax, quantize_linears, quantize_text_encoder,
@@ -61,12 +61,7 @@ def rel(a, b) -> float:
 
 
 def timed(fn, repeats: int) -> dict:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = interleaved_times({"run": fn}, repeats=repeats)["run"]  # one warm-up call, then `repeats`
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
@@ -86,8 +81,6 @@ def toy_pipeline():
 
 
 def toy_inputs(pipe):
-    from pixsigma.model.transformer import CaptionContext  # noqa: F401
-
     emb, mask = pipe.text_encoder.encode(EVAL_PROMPTS)
     g = torch.Generator().manual_seed(0)
     s = pipe.transformer.config.sample_size
