@@ -513,7 +513,8 @@ def cmd_eval_adherence(args) -> int:
     report = evaluate_adherence(args.model, transformer=args.transformer, prompts=args.prompts, seeds=args.seeds,
                                 steps=args.steps, guidance_scale=args.cfg, guidance_interval=args.guidance_interval,
                                 sampler=args.sampler, size=args.size, batch_size=args.batch_size, dtype=args.dtype,
-                                save_images=args.save_images, json_path=args.json)
+                                save_images=args.save_images, json_path=args.json,
+                                loras=[parse_lora_arg(s) for s in args.lora or []])
     print(format_table(report))
     return 0
 
@@ -524,7 +525,10 @@ def add_eval(sub) -> None:
     q = kinds.add_parser("adherence", help="GenEval-style prompt adherence on the toy world (color, shape, position, count)")
     q.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     q.add_argument("--transformer", default=None, help="a transformer checkpoint replacing the folder's")
-    q.add_argument("--prompts", default="heldout", help="heldout (default, 240 prompts), quick (24), or a file, one prompt per line")
+    q.add_argument("--prompts", default="heldout",
+                   help="heldout (default, 240 prompts), quick (24), new:lime (40, a color outside the training palette), "
+                        "or a file, one prompt per line")
+    q.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="apply a LoRA at SCALE (default 1); repeatable")
     q.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--cfg", type=float, default=4.5)

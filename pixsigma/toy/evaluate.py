@@ -64,7 +64,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_COLOR_RGB = np.array([P.COLORS[c] for c in P.COLOR_NAMES], dtype=np.float32)
+_COLOR_NAMES = tuple(P.ALL_COLORS)  # the training palette and the new-concept colors
+_COLOR_RGB = np.array([P.ALL_COLORS[c] for c in _COLOR_NAMES], dtype=np.float32)
 _STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
@@ -222,7 +223,7 @@ def _component_detection(component: np.ndarray, k: int, labels: np.ndarray, owne
     cx = (wx0 + bx + bw / 2.0) / w
     cy = (wy0 + by + bh / 2.0) / h
     return Detection(
-        color=P.COLOR_NAMES[int(k)], shape=shape,
+        color=_COLOR_NAMES[int(k)], shape=shape,
         center=(float(np.clip(cx, 0.0, 1.0)), float(np.clip(cy, 0.0, 1.0))),
         area=int(win.sum()) / float(h * w), bbox=(x0, y0, x1, y1), shape_scores=scores,
     )

@@ -55,6 +55,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 110, 200),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+# Colors outside the training palette: the default data never draws them, so no shipped model has
+# seen them. An adapter (LoRA) learns one as a new concept from `write_dataset(new_color=...)`; the
+# parser and the evaluator know them. Same spacing rules as COLORS, and at least 58 RGB units of
+# residual from every other color's mix line on every background (the evaluator reads a pixel as
+# a mix of the background and one color).
+NEW_COLORS: dict[str, tuple[int, int, int]] = {
+    "lime": (150, 240, 0),
+}
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
 
 # Backgrounds: "plain" (white / grays) and a few muted colored ones, all far from object colors.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -273,7 +282,7 @@ _NUMBERS = {
 _SIZE_WORDS = {"small", "large", "big", "tiny", "little", "medium", "medium-sized", "huge"}
 _SHAPE_WORDS = {s: s for s in SHAPES}
 _SHAPE_WORDS.update({p: s for s, p in PLURALS.items()})
-_COLOR_WORDS = {c: c for c in COLORS}
+_COLOR_WORDS = {c: c for c in ALL_COLORS}
 _COLOR_WORDS.update({"violet": "purple", "magenta": "pink", "teal": "cyan"})
 
 _POSITION_ALIASES = {
@@ -490,3 +499,14 @@ _QUICK = {
 def quick_prompts() -> list[PromptItem]:
     """A small fixed set (24 prompts, 4 per category) for a fast regression check."""
     return [PromptItem(HELDOUT_PREFIX + p, c) for c in CATEGORIES for p in _QUICK[c]]
+
+
+def new_color_prompts(color: str) -> list[PromptItem]:
+    """Held-out prompts that use a color outside the training palette (one of NEW_COLORS): one
+    object of that color for every shape × grid cell ("single", 36 prompts), then every shape
+    without a position ("colors", 4), in the held-out phrasing."""
+    if color not in NEW_COLORS:
+        raise PixsigmaError(f"new-color prompts need one of {', '.join(NEW_COLORS)}, got {color!r}")
+    single = [object_phrase(color, shape, 1, pos) for shape, pos in itertools.product(SHAPES, POSITIONS)]
+    colors = [object_phrase(color, shape) for shape in SHAPES]
+    return [PromptItem(HELDOUT_PREFIX + p, "single") for p in single] + [PromptItem(HELDOUT_PREFIX + p, "colors") for p in colors]

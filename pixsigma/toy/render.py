@@ -60,8 +60,8 @@ def _validate_scene(scene: Scene) -> None:
     for o in scene.objects:
         if o.shape not in P.SHAPES:
             raise PixsigmaError(f"unknown shape {o.shape!r}; expected one of {', '.join(P.SHAPES)}")
-        if o.color not in P.COLORS:
-            raise PixsigmaError(f"unknown color {o.color!r}; expected one of {', '.join(P.COLOR_NAMES)}")
+        if o.color not in P.ALL_COLORS:
+            raise PixsigmaError(f"unknown color {o.color!r}; expected one of {', '.join(P.ALL_COLORS)}")
         if not (0.0 < o.size <= 1.0):
             raise PixsigmaError(f"object size {o.size!r} out of range; expected a fraction of the image side in (0, 1]")
 
@@ -94,7 +94,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
     _validate_scene(scene)
     ss = max(int(supersample), 1)
     img = Image.new("RGB", (size * ss, size * ss), P.BACKGROUNDS[scene.background])
-    _draw_objects(img, scene, lambda o: P.COLORS[o.color])
+    _draw_objects(img, scene, lambda o: P.ALL_COLORS[o.color])
     return img.resize((size, size), Image.BOX) if ss > 1 else img
 
 
@@ -381,12 +381,26 @@ def _draw_items(rng: np.random.Generator, kind: str) -> tuple[list[dict], list[t
     return items, relations
 
 
-def sample_scene(rng: np.random.Generator, kind: str | None = None, exclude_heldout: bool = True) -> Scene:
+def _recolor(rng: np.random.Generator, items: list[dict], new_color: str) -> None:
+    """Give one random object, and every object sharing its color, `new_color` (a same-color
+    group stays one group, distinct colors stay distinct)."""
+    old = items[int(rng.integers(len(items)))]["color"]
+    for it in items:
+        if it["color"] == old:
+            it["color"] = new_color
+
+
+def sample_scene(rng: np.random.Generator, kind: str | None = None, exclude_heldout: bool = True,
+                 new_color: str | None = None) -> Scene:
     """Draw a random captioned scene of ``kind`` (one of SCENE_KINDS; random when None).
 
     With ``exclude_heldout`` (default) the short caption is never in the held-out phrasing
     (see :mod:`pixsigma.toy.prompts`); without it, about 15% of captions use that phrasing.
+    ``new_color`` (one of ``P.NEW_COLORS``) recolors one object (with its same-color group) in it,
+    captions included: data for teaching an adapter a color the base model never saw.
     """
+    if new_color is not None and new_color not in P.NEW_COLORS:
+        raise PixsigmaError(f"new_color {new_color!r}; expected one of {', '.join(P.NEW_COLORS)}")
     if not isinstance(rng, np.random.Generator):
         raise PixsigmaError(f"rng must be a numpy Generator (np.random.default_rng(...)), got {type(rng).__name__}")
     if kind is None:
@@ -396,6 +410,8 @@ def sample_scene(rng: np.random.Generator, kind: str | None = None, exclude_held
     background = P.BACKGROUND_NAMES[int(rng.integers(len(P.BACKGROUND_NAMES)))]
     for _ in range(50):
         items, relations = _draw_items(rng, kind)
+        if new_color is not None:
+            _recolor(rng, items, new_color)
         objects = _place(rng, items, relations)
         if objects is None:
             continue
@@ -468,12 +484,17 @@ def generate(
     kind: str | None = None,
     exclude_heldout: bool = True,
     start: int = 0,
+    new_color: str | None = None,
+    new_color_share: float = 1.0,
 ) -> Iterator[tuple[Image.Image, str, str, Scene]]:
     """Yield ``(image, short_caption, long_caption, scene)`` for items ``start .. start+n-1``.
 
     Item ``i`` uses ``np.random.default_rng([seed, i])`` so it does not depend on the others.
-    ``n=None`` streams forever.
+    ``n=None`` streams forever. With ``new_color``, a ``new_color_share`` of the scenes (drawn per
+    item) carry that color (see :func:`sample_scene`); the others are the regular scenes.
     """
+    if not 0.0 <= new_color_share <= 1.0:
+        raise PixsigmaError(f"new_color_share {new_color_share!r}; expected a fraction in [0, 1]")
     size = _check_size(size)
     if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
         raise PixsigmaError(f"n must be a non-negative integer (or None to stream forever), got {n!r}")
@@ -481,7 +502,8 @@ def generate(
     end = None if n is None else int(start) + int(n)
     while end is None or i < end:
         rng = np.random.default_rng([int(seed), i])
-        scene = sample_scene(rng, kind=kind, exclude_heldout=exclude_heldout)
+        recolor = new_color is not None and rng.random() < new_color_share
+        scene = sample_scene(rng, kind=kind, exclude_heldout=exclude_heldout, new_color=new_color if recolor else None)
         yield render(scene, size), scene.short_caption, scene.long_caption, scene
         i += 1
 
@@ -498,6 +520,8 @@ def write_dataset(
     exclude_heldout: bool = True,
     progress: bool | None = None,
     control: str | None = None,
+    new_color: str | None = None,
+    new_color_share: float = 1.0,
 ) -> str:
     """Write ``n`` images under ``folder/images/`` and ``folder/data_info.json``; return its path.
 
@@ -507,7 +531,8 @@ def write_dataset(
     diffusion loss) and ``scene`` (Scene.to_dict()). ``control`` ("edges" or "mask") also writes a
     ControlNet control image per picture, ``images/NNNNNNN.control.png``, named by the record's
     ``control`` key: the exact object outlines (``mask_edges`` of the object mask) or the object
-    mask itself. Files are written atomically.
+    mask itself. ``new_color`` / ``new_color_share``: scenes with a color outside the training
+    palette (see :func:`generate`). Files are written atomically.
     """
     size = _check_size(size)
     if control not in (None, "edges", "mask"):
@@ -521,7 +546,8 @@ def write_dataset(
         raise PixsigmaError(f"cannot create dataset folder {folder!r}: {e}; expected a writable path") from e
     if progress is None:
         progress = n >= 500
-    it = generate(n, seed=seed, size=size, exclude_heldout=exclude_heldout)
+    it = generate(n, seed=seed, size=size, exclude_heldout=exclude_heldout, new_color=new_color,
+                  new_color_share=new_color_share)
     if progress:
         from tqdm.auto import tqdm
 
