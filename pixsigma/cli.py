@@ -144,8 +144,6 @@ def _check_generate_args(args) -> None:
         raise PixsigmaError(f"-n {args.num}: expected at least 1 image per prompt")
     if args.size and args.ar:
         raise PixsigmaError("give either --size WxH or --ar H:W, not both")
-    if args.lora and args.quantize:
-        raise PixsigmaError("--lora on a quantized transformer (--quantize) is not supported yet; expected one of the two")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise PixsigmaError(f"--device {args.device!r}: expected cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -60,8 +60,36 @@ def test_cli_generate_quantized_and_bad_modes(folder, tmp_path, capsys):
     assert params["quantize"] == "int8" and params["quantize_text_encoder"] == "int4"
     capsys.readouterr()
     for flags, message in ((["--quantize", "int3"], "unknown quantization mode 'int3'"),
-                           (["--quantize-text-encoder", "svdquant"], "unknown text encoder quantization mode 'svdquant'"),
-                           (["--quantize", "int8", "--lora", "x.safetensors"], "--lora on a quantized transformer")):
+                           (["--quantize-text-encoder", "svdquant"], "unknown text encoder quantization mode 'svdquant'")):
         assert cli.main(["generate", "a cat", "--model", str(folder), "-o", str(tmp_path / "x.png"), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_lora_on_a_quantized_pipeline_and_cli(folder, tmp_path):
+    """from_pretrained(quantize=...) then load_lora_weights changes the image; `generate --lora
+    --quantize` combine and the PNG records both."""
+    from pixsigma.model import lora as L
+    from pixsigma.model.checkpoint import load_transformer
+    from pixsigma.pngmeta import read_png_params
+
+    model = load_transformer(folder / "transformer")
+    L.add_lora(model, L.LoraSpec(rank=2, targets=("attention+mlp",)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in L.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = L.save_lora(model, tmp_path / "l.safetensors")
+    pipe = SigmaPipeline.from_pretrained(folder, quantize="int8")
+    base, base_hash = latents(pipe), pipe.weights_hash()
+    pipe.load_lora_weights(path)
+    assert (latents(pipe) - base).abs().max() > 1e-2 and pipe.weights_hash() != base_hash
+    with pytest.raises(PixsigmaError, match="re-quantize"):
+        pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert torch.equal(latents(pipe), base) and pipe.weights_hash() == base_hash
+    out = tmp_path / "ql.png"
+    assert cli.main(["generate", "a cat", "--model", str(folder), "-o", str(out), "--steps", "2", "--seed", "0",
+                     "--quantize", "int8", "--lora", f"{path}:0.5"]) == 0
+    params = read_png_params(out)
+    assert params["quantize"] == "int8" and params["lora"] == f"{path}:0.5"

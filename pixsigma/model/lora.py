@@ -111,6 +111,12 @@ def lora_state(model) -> LoraState | None:
     return getattr(model, "lora_state", None)
 
 
+def is_quantized(model) -> bool:
+    """Whether the transformer's blocks are quantized (pixsigma.model.quantize): adapters then run
+    beside the quantized layers in the compute dtype, and cannot be merged into them."""
+    return bool(getattr(model, "quantization", None))
+
+
 def is_adapter_param(name: str) -> bool:
     """Whether a parameter name (of a model with adapters) is an adapter weight."""
     return ".lora_" in name
@@ -127,16 +133,27 @@ def adapter_parameters(model) -> list[tuple[str, nn.Parameter]]:
 
 
 class SplitLinear(nn.Module):
-    """A fused projection as one Linear per piece, named as diffusers names them (to_q, to_k, to_v).
+    """A fused projection as one layer per piece, named as diffusers names them (to_q, to_k, to_v).
 
-    forward(x) = cat(piece(x)): the fused Linear's output exactly (the weights are its row
-    blocks), so a LoRA on one piece changes only that piece's rows, as in diffusers.
+    forward(x) = cat(piece(x)): the fused layer's output exactly, so a LoRA on one piece changes
+    only that piece's rows, as in diffusers. A float fused Linear becomes one Linear per piece
+    (its row blocks; merging works on each). A quantized one stays whole (`whole`) and each
+    piece is a `RowSlice` of its output (quantized weights are not cut up or re-quantized).
+    The forward takes `lora_layers.split_forward`'s fast path where it applies.
     """
 
-    def __init__(self, fused: nn.Linear, names: tuple[str, ...]):
+    def __init__(self, fused: nn.Module, names: tuple[str, ...], keep_whole: bool = False):
         super().__init__()
         self.names = tuple(names)
         n = len(names)
+        self.whole = fused if keep_whole else None
+        if keep_whole:
+            from pixsigma.model.lora_layers import RowSlice
+
+            size = fused.out_features // n
+            for i, name in enumerate(self.names):
+                setattr(self, name, RowSlice(fused, i * size, (i + 1) * size))
+            return
         weights, biases = fused.weight.detach().chunk(n, dim=0), (fused.bias.detach().chunk(n) if fused.bias is not None else [None] * n)
         for name, w, b in zip(self.names, weights, biases):
             piece = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
@@ -151,10 +168,15 @@ class SplitLinear(nn.Module):
         return [getattr(self, n) for n in self.names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([piece(x) for piece in self.pieces()], dim=-1)  # (..., n·D)
+        from pixsigma.model.lora_layers import split_forward
 
-    def fused(self) -> nn.Linear:
-        """The fused Linear of the pieces' base weights (adapters left out)."""
+        out = split_forward(self, x)
+        return out if out is not None else torch.cat([piece(x) for piece in self.pieces()], dim=-1)  # (..., n·D)
+
+    def fused(self) -> nn.Module:
+        """The fused layer of the pieces' base weights (adapters left out); the kept one if whole."""
+        if self.whole is not None:
+            return self.whole
         bases = [_base_layer(p) for p in self.pieces()]
         w = torch.cat([b.weight.detach() for b in bases])
         out = nn.Linear(w.shape[1], w.shape[0], bias=bases[0].bias is not None, device=w.device, dtype=w.dtype)
@@ -230,8 +252,9 @@ def _split_for(model, paths: list[str]) -> None:
         for i in range(model.config.depth):
             path = f"blocks.{i}.{fused}"
             module = model.get_submodule(path)
-            if isinstance(module, nn.Linear) and any(p.startswith(path + ".") for p in paths):
-                _set_module(model, path, SplitLinear(module, tuple(p.rpartition(".")[2] for p in pieces)))
+            if not isinstance(module, SplitLinear) and any(p.startswith(path + ".") for p in paths):
+                names = tuple(p.rpartition(".")[2] for p in pieces)
+                _set_module(model, path, SplitLinear(module, names, keep_whole=is_quantized(model)))
 
 
 def _unsplit(model) -> None:
@@ -249,13 +272,19 @@ def _peft_config(paths: list[str], rank: int, alpha: float, dropout: float = 0.0
                  use_rslora: bool = False, init="gaussian", ranks: dict | None = None, alphas: dict | None = None):
     from peft import LoraConfig
 
+    from pixsigma.model.lora_layers import FastLoraLinear, RowSlice
+    from pixsigma.model.quantize import SVDQuantLinear
+
     ranks, alphas = ranks or {}, alphas or {}
-    return LoraConfig(
+    config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(paths), use_dora=use_dora, use_rslora=use_rslora,
         init_lora_weights={"gaussian": "gaussian", "kaiming": True, "none": False}[init],
         rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
         alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
     )
+    # peft's own LoRA Linear with the inference fast path, on float and quantized linears alike
+    config._register_custom_module({nn.Linear: FastLoraLinear, RowSlice: FastLoraLinear, SVDQuantLinear: FastLoraLinear})
+    return config
 
 
 def _attach(model, adapter_name: str, paths: list[str], peft_config, info: dict) -> None:
@@ -268,11 +297,20 @@ def _attach(model, adapter_name: str, paths: list[str], peft_config, info: dict)
     if state is not None and adapter_name in state.adapters:
         raise PixsigmaError(f"adapter name {adapter_name!r} is already in use; expected a new name (in use: {sorted(state.adapters)})")
     if state is None:
-        state = LoraState(base_hash=weights_hash(model.state_dict()))
+        from pixsigma.model.quantize import plain_state_dict  # quantized weights hash as their stored tensors
+
+        state = LoraState(base_hash=weights_hash(plain_state_dict(model)))
     _split_for(model, paths)
     with warnings.catch_warnings():  # peft warns on every second adapter; several adapters are intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(peft_config, model, adapter_name=adapter_name)
+    if is_quantized(model):  # quantized layers give peft no float weight to take dtype and device from
+        from pixsigma.model.quantize import COMPUTE_DTYPE
+
+        device = model.x_embedder.proj.weight.device
+        for n, p in adapter_parameters(model):
+            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
+                p.data = p.data.to(device=device, dtype=COMPUTE_DTYPE)
     state.adapters[adapter_name] = info
     state.weights[adapter_name] = 1.0
     model.lora_state = state
@@ -282,6 +320,9 @@ def _attach(model, adapter_name: str, paths: list[str], peft_config, info: dict)
 def add_lora(model, spec: LoraSpec, adapter_name: str = "default") -> list[str]:
     """Attach a new trainable adapter (B = 0: the output is unchanged); only adapter weights keep
     requires_grad. Returns the diffusers names of the adapted modules."""
+    if is_quantized(model):
+        raise PixsigmaError("adapters train on the float transformer, not a quantized one; expected add_lora before quantizing, "
+                            "then load the saved LoRA onto the quantized model")
     targets = resolve_targets(model, spec.targets)
     names = module_names(model)
     paths = [names[d] for d in targets]
@@ -338,6 +379,9 @@ def fuse_lora(model, lora_scale: float = 1.0) -> None:
     state = _require(model)
     if state.fused is not None:
         raise PixsigmaError("the model's adapters are already fused; unfuse_lora() first")
+    if is_quantized(model):
+        raise PixsigmaError(f"fuse_lora: the transformer is quantized ({model.quantization['mode']}) and merging would re-quantize "
+                            "its weights; expected adapters left unfused (they run beside the quantized layers)")
     stash = []
     with torch.no_grad():
         for _, layer in _layers(model):
@@ -534,6 +578,9 @@ def load_lora(model, path, scale: float = 1.0, adapter_name: str | None = None) 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     use_dora = any("magnitude" in m for m in modules.values())
+    if use_dora and is_quantized(model):
+        raise PixsigmaError(f"{facts['file']}: a DoRA adapter needs the float base weights; expected a float transformer "
+                            "(load it before quantizing, or use a plain LoRA)")
     state = lora_state(model)
     base = state.base_hash if state else None
     if facts["base_hash"] and base and facts["base_hash"] != base:

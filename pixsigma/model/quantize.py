@@ -20,6 +20,10 @@ Every mode replaces the `nn.Linear` layers inside the transformer blocks (attent
 attention, MLP: nearly all of the weights and the compute); the embedders, adaLN and the final
 layer stay in bf16, the compute dtype of a quantized model.
 
+LoRA adapters load on top of a quantized model (quantize first, then `load_lora`): each adapted
+layer computes quantized base(x) + Σ s·B(A x) with the adapters in the compute dtype; they cannot
+be fused into the integer weights (see pixsigma.model.lora).
+
 A quantized model saves to one safetensors file with its integer weights, scales and low-rank
 factors (`save_quantized`) and loads back without re-quantizing (`load_quantized`). The text
 encoder's linears take the int8 / int4 weight-only modes through `quantize_linears`.
@@ -355,6 +359,9 @@ def quantize_transformer(model: PixArtSigmaTransformer, mode: str, calibrate: Ca
     check_mode(mode)
     if getattr(model, "quantization", None):
         raise PixsigmaError(f"the transformer is already quantized ({model.quantization['mode']}); expected a float model")
+    if getattr(model, "lora_state", None) is not None:
+        raise PixsigmaError("the transformer has LoRA adapters; expected quantizing first and loading the LoRA afterwards "
+                            "(or fuse_lora and unload_lora before quantizing, to quantize the merged weights)")
     device = next(model.parameters()).device
     if mode == "int4":
         check_int4_kernel(device)
@@ -451,6 +458,9 @@ def save_quantized(model: PixArtSigmaTransformer, path) -> Path:
     record = getattr(model, "quantization", None)
     if not record:
         raise PixsigmaError("save_quantized: the transformer is not quantized; expected quantize_transformer first")
+    if getattr(model, "lora_state", None) is not None:
+        raise PixsigmaError("save_quantized: the transformer has LoRA adapters; expected unload_lora first (save the LoRA "
+                            "on its own with save_lora)")
     tensors, packed = _flatten_state(model)
     import torchao
 
