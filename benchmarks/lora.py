@@ -92,7 +92,7 @@ def main() -> int:
     rows = []
     for targets in ("attention", "all"):
         rows += measure(f"XL_2 width, depth {args.depth}, 512px", xl, 64, args.rank, targets, args.repeats)
-        rows += measure("toy (shipped), 64px", toy, 8, args.rank, targets, args.repeats)
+        rows += measure("toy (shipped), 64px", toy, 16, args.rank, targets, args.repeats)  # 16x16 latents (VAE factor 4)
     print_table(rows, ["model", "targets", "rank", "variant", "ms", "ratio", "ratio_spread", "spread_ms"])
     save("lora", {"args": vars(args), "rows": rows})
     return 0

@@ -17,6 +17,7 @@ model's resolution and resized + center-cropped to the exact size asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from pixsigma.diffusion.cache import StepCache, as_cache_config, with_step_cache
 from pixsigma.diffusion.samplers import default_steps, is_lcm_model, randn, resolve_sampler, sample
 from pixsigma.errors import PixsigmaError
 from pixsigma.io import as_dtype, weights_hash
+from pixsigma.model.transformer import onednn_linears
 from pixsigma.resolution import check_side, parse_prompt_options, plan_size, resize_and_crop, size_for_ratio
 from pixsigma.text import TextEncoder, minilm_path
 from pixsigma.vae import VAE
@@ -261,6 +263,10 @@ class SigmaPipeline:
         self._compiled = None  # set by enable_compile()
         self.controlnet = None  # a ControlNetTransformer on self.transformer, set by set_controlnet()
         self.feedback = None  # an ILF FeedbackTransformer on self.transformer, set by load_feedback()
+        # float32 transformers on CPU multiply through oneDNN on weights reordered once per call
+        # (model.transformer.onednn_linears: faster where torch's BLAS is slow, e.g. AMD CPUs; the
+        # copies live only during a call). False: plain F.linear.
+        self.onednn_linear = True
 
     def set_controlnet(self, controlnet) -> "SigmaPipeline":
         """Attach a ControlNet (a ControlNetTransformer, or a path `load_controlnet` reads) to this
@@ -501,12 +507,13 @@ class SigmaPipeline:
         noise = self._prepare_latents(req, latents, generator)
         timings = {}
         t0 = time.perf_counter()
-        context = self._encode_prompts(req)
-        timings["text"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        control = self._prepare_control(req, control_image, control_type, controlnet_conditioning_scale,
-                                        control_guidance_start, control_guidance_end)
-        x = self._denoise(req, context, noise, generator, callback, progress, control)
+        with self._linears():
+            context = self._encode_prompts(req)
+            timings["text"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            control = self._prepare_control(req, control_image, control_type, controlnet_conditioning_scale,
+                                            control_guidance_start, control_guidance_end)
+            x = self._denoise(req, context, noise, generator, callback, progress, control)
         timings["denoise"] = time.perf_counter() - t0
         if output_type == "latent":
             return SigmaOutput(images=x, info=req.info(), timings=timings)
@@ -514,6 +521,13 @@ class SigmaPipeline:
         images = self._decode(req, x)
         timings["decode"] = time.perf_counter() - t0
         return SigmaOutput(images=_to_output(images, output_type), info=req.info(), timings=timings)
+
+    def _linears(self):
+        """The oneDNN fast path over this call's transformer (and its ControlNet copies or feedback
+        block), when on; nothing otherwise."""
+        if not self.onednn_linear or self.device.type != "cpu" or self._compiled is not None:
+            return contextlib.nullcontext()
+        return onednn_linears(self.transformer, self.controlnet, self.feedback)
 
     def _check_inputs(self, prompt, negative_prompt, steps, guidance_scale, height, width, num_images_per_prompt,
                       sampler, output_type, use_resolution_binning, max_sequence_length, guidance_interval) -> "_Request":

@@ -71,7 +71,8 @@ def test_pipeline_methods_and_merge_agree(tmp_path, folder_and_loras):
     restored = pipe("a red circle", **kw).images
     scale = plain.abs().max()  # the tiny random model's latents are large: compare relative to them
     assert (unfused - plain).abs().max() > 1e-2 * scale and (fused - unfused).abs().max() <= 1e-5 * scale
-    assert (restored - plain).abs().max() <= 1e-6 * scale
+    # unfusing rounds the weights back to ~1e-7; two guided steps amplify that to ~1e-6 of the latents
+    assert (restored - plain).abs().max() <= 5e-6 * scale
     assert max((pipe.transformer.state_dict()[k] - base[k]).abs().max().item() for k in base) <= 1e-6
 
     assert main(["lora", "merge", str(folder / "transformer"), str(a), str(tmp_path / "m.safetensors"), "--scale", "0.5"]) == 0

@@ -147,6 +147,8 @@ class SplitLinear(nn.Module):
         self.names = tuple(names)
         n = len(names)
         self.whole = fused if keep_whole else None
+        # pieces and the re-fused layer keep the model's Linear class (its CPU fast path)
+        self.layer_type = type(fused) if isinstance(fused, nn.Linear) else nn.Linear
         if keep_whole:
             from pixsigma.model.lora_layers import RowSlice
 
@@ -156,7 +158,7 @@ class SplitLinear(nn.Module):
             return
         weights, biases = fused.weight.detach().chunk(n, dim=0), (fused.bias.detach().chunk(n) if fused.bias is not None else [None] * n)
         for name, w, b in zip(self.names, weights, biases):
-            piece = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            piece = self.layer_type(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 piece.weight.copy_(w)
                 if b is not None:
@@ -179,7 +181,7 @@ class SplitLinear(nn.Module):
             return self.whole
         bases = [_base_layer(p) for p in self.pieces()]
         w = torch.cat([b.weight.detach() for b in bases])
-        out = nn.Linear(w.shape[1], w.shape[0], bias=bases[0].bias is not None, device=w.device, dtype=w.dtype)
+        out = self.layer_type(w.shape[1], w.shape[0], bias=bases[0].bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             out.weight.copy_(w)
             if out.bias is not None:

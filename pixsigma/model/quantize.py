@@ -284,7 +284,7 @@ def quantize_linears(module: nn.Module, mode: str, names: list[str] | None = Non
     of 16, the kernel's tile) is left unquantized."""
     check_mode(mode, TEXT_MODES, "weight-only quantization")
     quantize_, Int8Config, Int4Config = _torchao()
-    linears = {n: m for n, m in module.named_modules() if type(m) is nn.Linear}
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
     chosen = [n for n in (names if names is not None else linears) if n in linears]
     if mode == "int4":
         check_int4_kernel(next(module.parameters()).device)
@@ -308,7 +308,7 @@ def quantize_linears(module: nn.Module, mode: str, names: list[str] | None = Non
 
 def target_linears(model: PixArtSigmaTransformer) -> dict[str, nn.Linear]:
     """The linears a mode quantizes: every nn.Linear inside the blocks, by name."""
-    return {n: m for n, m in model.named_modules() if n.startswith("blocks.") and type(m) is nn.Linear}
+    return {n: m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear)}
 
 
 def collect_activation_amax(model: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, torch.Tensor]:

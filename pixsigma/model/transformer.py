@@ -20,6 +20,7 @@ an official state dict loads with `load_state_dict` directly; other layouts are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -188,7 +189,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_dim: int = 256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(frequency_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_sinusoid(t, self.frequency_dim).to(self.mlp[0].weight.dtype)  # (B, 256)
@@ -209,9 +210,9 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, caption_channels: int, hidden_size: int, max_tokens: int):
         super().__init__()
         self.y_proj = nn.Module()
-        self.y_proj.fc1 = nn.Linear(caption_channels, hidden_size)
+        self.y_proj.fc1 = Linear(caption_channels, hidden_size)
         self.y_proj.act = nn.GELU(approximate="tanh")
-        self.y_proj.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.y_proj.fc2 = Linear(hidden_size, hidden_size)
         # A buffer, as in the released checkpoints: saved and loaded, not optimized.
         self.register_buffer("y_embedding", torch.randn(max_tokens, caption_channels) / caption_channels**0.5)
 
@@ -230,6 +231,10 @@ class CaptionEmbedder(nn.Module):
 #    kernel, which is slower on CPU for such shapes in bf16/fp16, forward and backward.
 # 2. The KV-compression conv (depthwise, kernel = stride = R) as R² strided multiply-adds over
 #    the windows instead of the conv kernel.
+# 3. float32 inference of the Linear layers through oneDNN on weights it reordered once
+#    (`onednn_linears`), instead of F.linear's BLAS call: the BLAS torch ships (MKL) takes a slow
+#    generic path on some CPUs (AMD), where this runs 1.2-3x faster per layer
+#    (benchmarks/pipeline_overhead.py measures the whole call).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -251,6 +256,46 @@ def cpu_matmul_attention(q, k, v, mask=None) -> torch.Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # every row keeps a valid column
     return scores.softmax(dim=-1) @ v  # the CPU softmax accumulates half precision in fp32
+
+
+class Linear(nn.Linear):
+    """nn.Linear that multiplies by a oneDNN-reordered copy of its weight while `onednn_linears`
+    holds one (fast path 3): float32 inputs on CPU, outside autograd and autocast. Otherwise,
+    and in training, it is F.linear."""
+
+    _onednn_weight = None  # set and cleared by onednn_linears
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._onednn_weight
+        if (packed is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not torch.is_autocast_enabled("cpu")):
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_packable(layer: nn.Module) -> bool:
+    w = getattr(layer, "weight", None)
+    return (isinstance(layer, Linear) and w is not None and type(w.data) is torch.Tensor and w.device.type == "cpu"
+            and w.dtype == torch.float32 and (layer.bias is None or layer.bias.dtype == torch.float32))
+
+
+@contextlib.contextmanager
+def onednn_linears(*modules: nn.Module):
+    """Within the block, every float32 CPU `Linear` inside `modules` runs on a weight oneDNN
+    reordered at entry (fast path 3). The copies are freed at exit, so weights changed outside
+    the block (a LoRA fused, a checkpoint loaded) are never stale; inside it they must not change.
+    The copies take as much memory as the weights they mirror."""
+    layers = {id(m): m for module in modules if module is not None for m in module.modules() if _onednn_packable(m)}
+    if not torch.backends.mkldnn.is_available():
+        layers = {}
+    try:
+        for layer in layers.values():
+            layer._onednn_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+        yield
+    finally:
+        for layer in layers.values():
+            layer._onednn_weight = None
 
 
 def depthwise_window_conv(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -323,8 +368,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kv_operator: str | None = None, kv_ratio: int = 1):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
         if qk_norm:
             self.q_norm = nn.LayerNorm(dim, eps=1e-5)
             self.k_norm = nn.LayerNorm(dim, eps=1e-5)
@@ -384,9 +429,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, dim * 2)  # K first, then V
-        self.proj = nn.Linear(dim, dim)
+        self.q_linear = Linear(dim, dim)
+        self.kv_linear = Linear(dim, dim * 2)  # K first, then V
+        self.proj = Linear(dim, dim)
 
     def caption_kv(self, y: torch.Tensor):
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # (B, L, D) each
@@ -410,9 +455,9 @@ def modulate(x, shift, scale):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))  # (B, N, D) → (B, N, mlp_ratio·D) → (B, N, D)
@@ -455,7 +500,7 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
     def forward(self, x, t):
@@ -490,7 +535,7 @@ class PixArtSigmaTransformer(nn.Module):
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         self.y_embedder = CaptionEmbedder(config.caption_channels, d, config.max_caption_tokens)
         if config.micro_conditions:
             self.csize_embedder = SizeEmbedder(d // 3)
