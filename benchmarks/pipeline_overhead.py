@@ -52,7 +52,9 @@ def build_folder(folder: Path, depth: int = 28) -> Path:
 
 
 def make_calls(folder: Path, steps: int, guidance: float):
-    """(ours, theirs): each runs one whole call from the same latents and returns the image as numpy."""
+    """(ours, ours with F.linear, theirs): each runs one whole call from the same latents and returns
+    the image as numpy. "ours" is the default pipeline (float32 Linear layers through oneDNN on
+    reordered weights); "ours, F.linear" switches that off (`pipe.onednn_linear = False`)."""
     from diffusers import PixArtSigmaPipeline
 
     from pixsigma.pipeline import SigmaPipeline
@@ -66,11 +68,18 @@ def make_calls(folder: Path, steps: int, guidance: float):
     def run_ours():
         return ours(PROMPT, latents=latents, max_sequence_length=300, **common).images[0]
 
+    def run_ours_plain():
+        ours.onednn_linear = False
+        try:
+            return run_ours()
+        finally:
+            ours.onednn_linear = True
+
     def run_theirs():
         return theirs(PROMPT, latents=latents.clone(), max_sequence_length=300, use_resolution_binning=False,
                       clean_caption=False, **common).images[0]
 
-    return run_ours, run_theirs
+    return run_ours, run_ours_plain, run_theirs
 
 
 def profile(fn, top: int = 25) -> str:
@@ -93,22 +102,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        run_ours, run_theirs = make_calls(build_folder(Path(tmp) / "p"), args.steps, args.guidance)
-        diff = float(np.abs(run_ours() - run_theirs()).max())  # also the warm-up
+        run_ours, run_ours_plain, run_theirs = make_calls(build_folder(Path(tmp) / "p"), args.steps, args.guidance)
+        reference = run_theirs()  # also the warm-ups
+        diffs = {"ours": float(np.abs(run_ours() - reference).max()),
+                 "ours, F.linear": float(np.abs(run_ours_plain() - reference).max())}
         if args.profile:
             print(profile(run_ours))
-        times = {"ours": [], "diffusers": []}
+        calls = {"ours": run_ours, "ours, F.linear": run_ours_plain, "diffusers": run_theirs}
+        times = {name: [] for name in calls}
         for _ in range(args.repeats):
-            for name, fn in (("ours", run_ours), ("diffusers", run_theirs)):
+            for name, fn in calls.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-    ratios = [o / d for o, d in zip(times["ours"], times["diffusers"])]
-    row = {"case": f"xl2-256px-{args.steps}steps-cfg", "ours_s": statistics.median(times["ours"]),
-           "diffusers_s": statistics.median(times["diffusers"]), "ratio_median": statistics.median(ratios),
-           "ratio_min": min(ratios), "ratio_max": max(ratios), "max_pixel_diff": diff}
-    print_table([row], list(row))
-    save("pipeline_overhead", {"rows": [row], "ratios": ratios, "times": times, "threads": args.threads,
+    rows = []
+    for name in ("ours", "ours, F.linear"):
+        ratios = [o / d for o, d in zip(times[name], times["diffusers"])]
+        rows.append({"case": f"xl2-256px-{args.steps}steps-cfg", "pipeline": name, "s": statistics.median(times[name]),
+                     "diffusers_s": statistics.median(times["diffusers"]), "ratio_median": statistics.median(ratios),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios), "max_pixel_diff": diffs[name]})
+    print_table(rows, list(rows[0]))
+    save("pipeline_overhead", {"rows": rows, "times": times, "threads": args.threads,
                                "steps": args.steps, "guidance": args.guidance, "caption_tokens": 300})
 
 

@@ -1,10 +1,11 @@
 """Held-out adherence of the shipped model with and without the "lime" LoRA: the new-color
 prompts (`new:lime`, 40 prompts) and the regular held-out set (240 prompts), bf16, DPM-Solver++
 20 steps, guidance 4.5. Also rescores the regular images with the evaluator's old 8-color
-palette, to show what adding "lime" to the evaluator changes by itself.
+palette, to show what adding "lime" to the evaluator changes by itself. --vae swaps in another
+decoder (the shipped VAE cannot decode lime: vae_decoder.py fine-tunes one that can).
 
     python experiments/lora_concept/evaluate.py runs/lora_concept/run/lora.safetensors \
-        --out experiments/lora_concept/results [--seeds-new 2] [--seeds-regular 1]
+        --out experiments/lora_concept/results [--seeds-new 2] [--seeds-regular 1] [--vae FOLDER]
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pixsigma.eval.adherence import evaluate_adherence
+import torch
+
+from pixsigma.eval.adherence import evaluate_model, load_prompt_set
 from pixsigma.io import write_json
+from pixsigma.pipeline import SigmaPipeline
+from pixsigma.vae import VAE
 from pixsigma.toy import evaluate as E
 from pixsigma.toy import prompts as P
 
@@ -48,16 +53,23 @@ def main() -> None:
     ap.add_argument("--seeds-new", type=int, default=2)
     ap.add_argument("--seeds-regular", type=int, default=1)
     ap.add_argument("--images", default="runs/lora_concept/eval_images")
+    ap.add_argument("--vae", default=None, help="a VAE folder replacing the shipped one")
     args = ap.parse_args()
     out, rows = Path(args.out), {}
-    for name, loras in (("base", []), ("lora", [(args.lora, 1.0)])):
+    pipe = SigmaPipeline.from_pretrained(None, dtype="bf16", text_dtype=torch.float32, vae_dtype=torch.float32)
+    if args.vae:
+        pipe.vae = VAE(args.vae)
+    for name in ("base", "lora"):
+        if name == "lora":
+            pipe.load_lora_weights(args.lora)
         for prompts, seeds in (("new:lime", args.seeds_new), ("heldout", args.seeds_regular)):
-            folder = Path(args.images) / f"{name}_{prompts.replace(':', '_')}"
-            rep = evaluate_adherence(None, prompts=prompts, seeds=seeds, dtype="bf16", loras=loras,
-                                     save_images=folder, json_path=out / f"{name}_{prompts.replace(':', '_')}.json")
+            tag = f"{name}_{prompts.replace(':', '_')}"
+            rep = evaluate_model(pipe, prompts, list(range(seeds)), save_dir=Path(args.images) / tag,
+                                 items=load_prompt_set(prompts))
+            write_json(out / f"{tag}.json", rep, indent=1)
             rows[f"{name} / {prompts}"] = summary(rep)
             if prompts == "heldout":
-                old = rescore_with_old_palette(folder, P.heldout_prompts(), seeds)
+                old = rescore_with_old_palette(Path(args.images) / tag, P.heldout_prompts(), seeds)
                 rows[f"{name} / {prompts} (8-color evaluator)"] = summary(old)
     write_json(out / "summary.json", rows, indent=1)
     print(json.dumps(rows, indent=1))
