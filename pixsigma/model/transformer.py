@@ -233,8 +233,8 @@ class CaptionEmbedder(nn.Module):
 #    the windows instead of the conv kernel.
 # 3. float32 inference of the Linear layers through oneDNN on weights it reordered once
 #    (`onednn_linears`), instead of F.linear's BLAS call: the BLAS torch ships (MKL) takes a slow
-#    generic path on some CPUs (AMD), where this runs 1.2-3x faster per layer
-#    (benchmarks/pipeline_overhead.py measures the whole call).
+#    generic path on some CPUs (AMD), where oneDNN is much faster per layer
+#    (benchmarks/onednn_linear.py times a layer, benchmarks/pipeline_overhead.py a whole call).
 # ---------------------------------------------------------------------------------------------
 
 
