@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,3 +78,14 @@ def save(name: str, payload: dict) -> Path:
     path = write_json(RESULTS / f"{name}.json", {"machine": machine(), **payload})
     print(f"saved {path}")
     return path
+
+
+def run_isolated(script: str, spec: dict) -> dict:
+    """Run `script --one SPEC_JSON` in a fresh process (so its peak RSS is its own) and return the
+    JSON it prints last; a failed run stops the benchmark with its stderr."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    if r.returncode:
+        raise SystemExit(f"benchmark run {spec} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -20,13 +20,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import run_isolated  # noqa: E402
 
 
 def run_one(spec: dict) -> dict:
@@ -94,11 +95,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode, rank in (("full", 0), (f"lora r{args.rank}", args.rank)):
             spec = {"rank": rank, "batch": args.batch, "steps": args.steps, "threads": args.threads}
-            r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if r.returncode:
-                raise SystemExit(f"benchmark run {spec} failed:\n{r.stderr[-2000:]}")
-            runs[mode].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            runs[mode].append(run_isolated(__file__, spec))
     rows = []
     for mode, rs in runs.items():
         t = [r["s_per_step"] for r in rs]

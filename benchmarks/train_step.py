@@ -21,12 +21,13 @@ import itertools
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import run_isolated  # noqa: E402
 
 
 def run_one(spec: dict) -> dict:
@@ -117,11 +118,7 @@ def main() -> None:
     for optim, grad_ckpt, kv in itertools.product(["came", "adamw"], [False, True], [False, True]):
         spec = {"optim": optim, "grad_ckpt": grad_ckpt, "kv": kv, "preset": args.preset, "batch": args.batch,
                 "steps": args.steps, "device": args.device, "threads": args.threads}
-        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if r.returncode:
-            raise SystemExit(f"benchmark run {spec} failed:\n{r.stderr[-2000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(run_isolated(__file__, spec))
         print(f"{optim:6s} ckpt={str(grad_ckpt):5s} kv={str(kv):5s} {rows[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
     mib = 2**20
     head = f"{'optim':6s} {'grad ckpt':9s} {'KV (deep)':9s} {'steps/s':>8s} {'samples/s':>9s} {'activ MiB':>9s} {'optim MiB':>9s} {'peak MiB':>9s}"
