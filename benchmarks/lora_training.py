@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import run_isolated  # noqa: E402
+
+from pixsigma.io import write_json  # noqa: E402
 
 
 def run_one(spec: dict) -> dict:
@@ -112,12 +113,8 @@ def main() -> None:
         print(f"{r['mode']:10s} {r['trainable']:10,d} {r['optimizer_MiB']:9.2f} {r['file_MiB']:8.2f} {r['s_per_step']:7.3f} "
               f"{r['s_min']:6.3f}-{r['s_max']:.3f} {r['peak_rss_MiB']:12.0f}")
     print("LoRA / full: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "one"}, "rows": rows, "ratio": ratio,
-                               "runs": runs}, indent=1))
-    os.replace(tmp, out)
+    out = write_json(args.out, {"config": {k: v for k, v in vars(args).items() if k != "one"}, "rows": rows,
+                                "ratio": ratio, "runs": runs}, indent=1)
     print(f"wrote {out}")
 
 

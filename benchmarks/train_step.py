@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import run_isolated  # noqa: E402
 
+from pixsigma.io import write_json  # noqa: E402
+
 
 def run_one(spec: dict) -> dict:
     import torch
@@ -129,11 +131,7 @@ def main() -> None:
         peak = r["peak_cuda_bytes"] if r["peak_cuda_bytes"] is not None else r["peak_rss_bytes"]
         print(f"{r['optim']:6s} {str(r['grad_ckpt']):9s} {str(r['kv']):9s} {r['steps_per_s']:8.2f} {r['samples_per_s']:9.1f} "
               f"{r['activation_bytes'] / mib:9.1f} {r['optimizer_state_bytes'] / mib:9.2f} {peak / mib:9.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    out = write_json(args.out, {"config": {k: v for k, v in vars(args).items() if k != "one"}, "rows": rows}, indent=1)
     print(f"wrote {out}")
 
 
